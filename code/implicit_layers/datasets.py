@@ -1,0 +1,137 @@
+"""Data sets for the chapters, as NumPy arrays, offline by default.
+
+The digits of scikit-learn ship with the package and need no network. MNIST is read from a local folder and
+downloaded only when the caller opts in with ``download=True``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+import urllib.request
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+MNIST_BASE_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+class Split(NamedTuple):
+    """A train/test split: flattened images as float32 in [0, 1] and int64 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
+    """Load scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), offline.
+
+    Parameters
+    ----------
+    test_fraction : float
+        Fraction of the images held out for testing, in (0, 1).
+    seed : int
+        Seed of the shuffle that splits the images.
+
+    Returns
+    -------
+    Split
+        Images of shape (N, 64) scaled to [0, 1] and their labels.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    images, labels = sklearn_digits(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(test_fraction * len(labels)))
+    test, train = order[:n_test], order[n_test:]
+    x = (images / 16.0).astype(np.float32)
+    y = labels.astype(np.int64)
+    return Split(x[train], y[train], x[test], y[test])
+
+
+def load_mnist(root: str | Path, download: bool = False, base_url: str = MNIST_BASE_URL) -> Split:
+    """Load MNIST (60,000 training and 10,000 test images of 28x28 pixels) from ``root``.
+
+    Parameters
+    ----------
+    root : str or Path
+        Folder holding the four gzipped IDX files (``train-images-idx3-ubyte.gz`` and so on).
+    download : bool
+        Fetch the missing files from ``base_url`` into ``root``. Off by default: nothing is downloaded unless
+        the caller asks.
+    base_url : str
+        Where the files are fetched from when ``download`` is True.
+
+    Returns
+    -------
+    Split
+        Images of shape (N, 784) scaled to [0, 1] and their labels.
+
+    Raises
+    ------
+    FileNotFoundError
+        If files are missing and ``download`` is False.
+    ValueError
+        If a file is not a valid IDX file of the expected kind.
+    """
+    root = Path(root)
+    missing = [name for name in MNIST_FILES.values() if not (root / name).exists()]
+    if missing and not download:
+        raise FileNotFoundError(
+            f"MNIST files {missing} are not in {str(root)!r}; pass download=True to fetch them from {base_url}"
+        )
+    if missing:
+        root.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            _download(base_url.rstrip("/") + "/" + name, root / name)
+    arrays = {key: _read_idx(root / name) for key, name in MNIST_FILES.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"MNIST {split} files in {str(root)!r} do not hold images of shape (N, H, W) and N labels: "
+                f"got {images.shape} and {labels.shape}"
+            )
+    return Split(
+        _scaled_flat(arrays["x_train"]),
+        arrays["y_train"].astype(np.int64),
+        _scaled_flat(arrays["x_test"]),
+        arrays["y_test"].astype(np.int64),
+    )
+
+
+def _scaled_flat(images: np.ndarray) -> np.ndarray:
+    return (images.reshape(len(images), -1) / 255.0).astype(np.float32)
+
+
+def _download(url: str, target: Path) -> None:
+    partial = target.with_suffix(target.suffix + ".part")
+    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        shutil.copyfileobj(response, out)
+    partial.replace(target)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped IDX file of unsigned bytes (the MNIST format)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{str(path)!r} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{str(path)!r} holds {body.size} values, its header promises shape {shape}")
+    return body.reshape(shape)

@@ -1,0 +1,23 @@
+"""PyTorch implicit layers: batched fixed-point solvers and their implicit gradients."""
+
+from ..errors import ConvergenceError, ConvergenceWarning
+from .fixed_point import SOLVERS, FixedPointLayer, fixed_point
+from .forward_iteration import forward_iteration
+from .newton import batched_jacobian, newton
+from .result import SolverResult
+from .utils import autograd_graph_bytes, default_device, seed_everything
+
+__all__ = [
+    "SOLVERS",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "FixedPointLayer",
+    "SolverResult",
+    "autograd_graph_bytes",
+    "batched_jacobian",
+    "default_device",
+    "fixed_point",
+    "forward_iteration",
+    "newton",
+    "seed_everything",
+]

@@ -1,0 +1,98 @@
+"""The batched loop every fixed-point solver shares: per-sample stopping, residual trace, warnings."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from ..errors import ConvergenceError, ConvergenceWarning
+from ._validation import check_batched_state, check_iteration_limit, check_map_output, check_tolerance
+from .result import SolverResult
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+Update = Callable[[Map, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def residual_norm(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample Euclidean norm of ``f(z) - z`` over all but the batch dimension."""
+    return (fz - z).flatten(1).norm(dim=1)
+
+
+def solve_batched(
+    name: str, f: Map, z0: torch.Tensor, update: Update, *, tol: float, max_iter: int, strict: bool
+) -> tuple[torch.Tensor, SolverResult]:
+    """Iterate ``z <- update(f, z, f(z))`` on each sample until its residual ``||f(z) - z||`` drops below ``tol``.
+
+    Stopped samples are frozen with ``torch.where`` rather than removed from the batch, so shapes stay fixed and
+    the only host synchronization per step is the check whether any sample is still running.
+    """
+    check_batched_state("z0", z0)
+    check_tolerance("tol", tol)
+    check_iteration_limit("max_iter", max_iter)
+
+    nfe = 0
+
+    def counted(state: torch.Tensor) -> torch.Tensor:
+        nonlocal nfe
+        nfe += 1
+        return f(state)
+
+    z = z0
+    fz = counted(z)
+    check_map_output(fz, z0)
+    residual = residual_norm(fz, z)
+    trace = [residual.detach()]
+    iterations = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+    failed = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    active = residual >= tol
+
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        proposal = update(counted, z, fz)
+        finite = torch.isfinite(proposal.detach()).flatten(1).all(dim=1)
+        failed = failed | (active & ~finite)
+        stepping = active & finite
+        z = torch.where(_per_sample(stepping, z), proposal, z)
+        fz = counted(z)
+        new_residual = residual_norm(fz, z)
+        failed = failed | (stepping & ~torch.isfinite(new_residual.detach()))
+        stepping = stepping & ~failed
+        residual = torch.where(stepping, new_residual, residual)
+        iterations = iterations + stepping
+        trace.append(residual.detach())
+        active = stepping & (residual >= tol)
+
+    result = SolverResult(
+        iterations=iterations,
+        residuals=torch.stack(trace),
+        converged=residual.detach() < tol,
+        failed=failed,
+        nfe=nfe,
+    )
+    _report(name, result, tol=tol, max_iter=max_iter, strict=strict)
+    return z, result
+
+
+def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _report(name: str, result: SolverResult, *, tol: float, max_iter: int, strict: bool) -> None:
+    not_converged = ~result.converged
+    count = int(not_converged.sum())
+    if count == 0:
+        return
+    worst = float(result.residual[not_converged].max())
+    message = (
+        f"{name} did not converge for {count} of {result.converged.numel()} samples "
+        f"(max_iter={max_iter}): largest residual reached {worst:.3g}, tol {tol:.3g}"
+    )
+    n_failed = int(result.failed.sum())
+    if n_failed:
+        message += f"; {n_failed} stopped because a step gave NaN/Inf or a singular linear system"
+    if strict:
+        raise ConvergenceError(message)
+    warnings.warn(message, ConvergenceWarning, stacklevel=4)

@@ -1,0 +1,54 @@
+"""Argument checks whose messages name the offending argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+
+def check_batched_state(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a finite floating-point tensor with a leading batch dimension."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim < 1:
+        raise ValueError(f"{name} must have a leading batch dimension, got a tensor of shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_map_output(fz: Any, z0: torch.Tensor) -> None:
+    """Raise unless ``f(z0)`` is a finite tensor of the same shape, dtype and device as ``z0``."""
+    if not isinstance(fz, torch.Tensor):
+        raise TypeError(f"f(z0) must return a torch.Tensor, got {type(fz).__name__}")
+    for attribute in ("shape", "dtype", "device"):
+        if getattr(fz, attribute) != getattr(z0, attribute):
+            raise ValueError(
+                f"f must map z0 to a tensor of the same {attribute}: z0 has {attribute} "
+                f"{_show(getattr(z0, attribute))}, f(z0) has {_show(getattr(fz, attribute))}"
+            )
+    if not bool(torch.isfinite(fz).all()):
+        raise ValueError("f(z0) contains NaN or Inf: check the inputs and parameters that f uses")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_tolerance(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_iteration_limit(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _show(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, torch.Size) else str(value)

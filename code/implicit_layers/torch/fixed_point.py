@@ -1,0 +1,203 @@
+"""Differentiable fixed points: the implicit-function-theorem backward pass, or unrolled backpropagation."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ._loop import Map
+from ._validation import check_batched_state, check_choice
+from .forward_iteration import forward_iteration
+from .newton import newton
+from .result import SolverResult
+
+SOLVERS = {"forward_iteration": forward_iteration, "newton": newton}
+"""The fixed-point solvers by name; each is usable forward and, for the adjoint system, backward."""
+
+BACKWARD_MODES = ("implicit", "unrolled")
+
+
+def fixed_point(
+    f: Map,
+    z0: torch.Tensor,
+    *,
+    solver: str = "newton",
+    backward: str = "implicit",
+    backward_solver: str = "forward_iteration",
+    tol: float = 1e-5,
+    max_iter: Optional[int] = None,
+    backward_tol: float = 1e-8,
+    backward_max_iter: int = 200,
+    strict: bool = False,
+    backward_callback: Optional[Callable[[SolverResult], None]] = None,
+) -> tuple[torch.Tensor, SolverResult]:
+    """Solve ``z = f(z)`` and make the solution differentiable with respect to whatever ``f`` uses.
+
+    With ``backward="implicit"`` the forward solve runs without recording autograd, and the gradient comes from
+    the implicit function theorem: for a loss ``L`` of the solution ``z*``, the vector ``g`` solving the linear
+    fixed point ``g = J^T g + dL/dz*`` (``J = df/dz`` at ``z*``) is pushed through one application of ``f``.
+    Memory does not grow with the number of iterations. With ``backward="unrolled"`` autograd records every
+    iteration of the solver and backpropagates through them all.
+
+    Parameters
+    ----------
+    f : callable
+        Maps a batch of states (B, ...) to a batch of the same shape, acting on each sample independently. It
+        may close over tensors that require gradients (inputs, parameters); they receive gradients.
+    z0 : torch.Tensor
+        Initial guess, shape (B, ...). It receives no gradient in implicit mode: the fixed point does not
+        depend on where the search started.
+    solver : {"newton", "forward_iteration"}
+        Forward solver.
+    backward : {"implicit", "unrolled"}
+        How gradients are computed.
+    backward_solver : {"forward_iteration", "newton"}
+        Solver for the adjoint fixed point ``g = J^T g + dL/dz*`` (implicit mode). Forward iteration costs one
+        vector-Jacobian product per step; Newton builds ``J`` and solves the linear system exactly in one step.
+    tol, max_iter : float, int or None
+        Forward tolerance and iteration limit (``None``: the solver's default).
+    backward_tol, backward_max_iter : float, int
+        Tolerance and iteration limit of the adjoint solve.
+    strict : bool
+        Raise instead of warning when the forward or the adjoint solve does not converge.
+    backward_callback : callable, optional
+        Called with the :class:`SolverResult` of each adjoint solve.
+
+    Returns
+    -------
+    z : torch.Tensor
+        The fixed point; in implicit mode it is ``f(z*)``, one application of ``f`` recorded by autograd.
+    result : SolverResult
+        The forward solver's record.
+
+    Notes
+    -----
+    The implicit backward pass is first-order only: differentiating the gradient again is not supported.
+    """
+    check_choice("solver", solver, SOLVERS)
+    check_choice("backward", backward, BACKWARD_MODES)
+    check_choice("backward_solver", backward_solver, SOLVERS)
+    forward_options = {"tol": tol, "strict": strict}
+    if max_iter is not None:
+        forward_options["max_iter"] = max_iter
+
+    if backward == "unrolled":
+        return SOLVERS[solver](f, z0, **forward_options)
+
+    with torch.no_grad():
+        z_star, result = SOLVERS[solver](f, z0, **forward_options)
+    if not torch.is_grad_enabled():
+        return z_star, result
+
+    # One recorded application of f connects the solution to everything f uses; the hook then replaces the
+    # gradient flowing into it by the solution of the adjoint fixed point.
+    z = f(z_star)
+    if not z.requires_grad:
+        return z, result
+    z_leaf = z_star.detach().requires_grad_()
+    f_leaf = f(z_leaf)
+
+    def adjoint_gradient(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if grad is None:  # autograd passes None when the output's gradient is undefined
+            return None
+
+        def adjoint_map(g: torch.Tensor) -> torch.Tensor:
+            # create_graph only when a Newton backward solve differentiates this map to build J^T.
+            (vjp,) = torch.autograd.grad(
+                f_leaf, z_leaf, g, retain_graph=True, create_graph=torch.is_grad_enabled()
+            )
+            return vjp + grad
+
+        g, adjoint_result = SOLVERS[backward_solver](
+            adjoint_map, grad, tol=backward_tol, max_iter=backward_max_iter, strict=strict
+        )
+        if backward_callback is not None:
+            backward_callback(adjoint_result)
+        return g.detach()
+
+    z.register_hook(adjoint_gradient)
+    return z, result
+
+
+class FixedPointLayer(nn.Module):
+    """A layer whose output is the fixed point ``z* = f(z*, x)`` of a module ``f``.
+
+    Parameters
+    ----------
+    f : nn.Module
+        Called as ``f(z, x)``; maps a batch of states and inputs to a batch of states shaped like ``z``, acting
+        on each sample independently. Its parameters are the layer's parameters.
+    solver, backward, backward_solver, tol, max_iter, backward_tol, backward_max_iter, strict
+        As in :func:`fixed_point`.
+
+    Attributes
+    ----------
+    last_result : SolverResult or None
+        The forward solver's record from the latest call.
+    last_backward_result : SolverResult or None
+        The adjoint solver's record from the latest implicit backward pass.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> class TanhCell(nn.Module):
+    ...     def __init__(self, n):
+    ...         super().__init__()
+    ...         self.linear = nn.Linear(n, n, bias=False)
+    ...     def forward(self, z, x):
+    ...         return torch.tanh(self.linear(z) + x)
+    >>> layer = FixedPointLayer(TanhCell(8))
+    >>> z = layer(torch.randn(4, 8))
+    >>> layer.last_result.status
+    'converged'
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        *,
+        solver: str = "newton",
+        backward: str = "implicit",
+        backward_solver: str = "forward_iteration",
+        tol: float = 1e-5,
+        max_iter: Optional[int] = None,
+        backward_tol: float = 1e-8,
+        backward_max_iter: int = 200,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        check_choice("solver", solver, SOLVERS)
+        check_choice("backward", backward, BACKWARD_MODES)
+        check_choice("backward_solver", backward_solver, SOLVERS)
+        self.f = f
+        self.options = dict(
+            solver=solver,
+            backward=backward,
+            backward_solver=backward_solver,
+            tol=tol,
+            max_iter=max_iter,
+            backward_tol=backward_tol,
+            backward_max_iter=backward_max_iter,
+            strict=strict,
+        )
+        self.last_result: Optional[SolverResult] = None
+        self.last_backward_result: Optional[SolverResult] = None
+
+    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Return the fixed point for input ``x``, starting from ``z0`` (zeros shaped like ``x`` by default)."""
+        check_batched_state("x", x)
+        if z0 is None:
+            z0 = torch.zeros_like(x)
+        z, self.last_result = fixed_point(
+            lambda z: self.f(z, x), z0, backward_callback=self._record_backward, **self.options
+        )
+        return z
+
+    def _record_backward(self, result: SolverResult) -> None:
+        self.last_backward_result = result
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
