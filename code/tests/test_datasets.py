@@ -1,0 +1,78 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from implicit_layers.config import quick_mode
+from implicit_layers.datasets import MNIST_FILES, load_digits, load_mnist
+
+
+def test_digits_ship_offline_and_split_reproducibly():
+    split = load_digits(test_fraction=0.25, seed=3)
+    assert split.x_train.shape[1] == 64 and split.x_train.dtype == np.float32
+    assert len(split.x_train) + len(split.x_test) == 1797
+    assert len(split.x_test) == round(0.25 * 1797)
+    assert 0.0 <= split.x_train.min() and split.x_train.max() <= 1.0
+    assert set(np.unique(split.y_train)) == set(range(10))
+    again = load_digits(test_fraction=0.25, seed=3)
+    np.testing.assert_array_equal(split.y_test, again.y_test)
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_digits(test_fraction=1.0)
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 256, (6, 28, 28)),
+        "y_train": rng.integers(0, 10, 6),
+        "x_test": rng.integers(0, 256, (4, 28, 28)),
+        "y_test": rng.integers(0, 10, 4),
+    }
+    source = tmp_path / "mirror"
+    source.mkdir()
+    for key, name in MNIST_FILES.items():
+        write_idx(source / name, arrays[key])
+    return source, arrays
+
+
+def test_mnist_reads_local_idx_files(tiny_mnist):
+    source, arrays = tiny_mnist
+    split = load_mnist(source)
+    assert split.x_train.shape == (6, 784) and split.x_test.shape == (4, 784)
+    np.testing.assert_allclose(split.x_train[2], arrays["x_train"][2].reshape(-1) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(split.y_test, arrays["y_test"])
+
+
+def test_mnist_downloads_only_when_asked(tiny_mnist, tmp_path):
+    source, arrays = tiny_mnist
+    target = tmp_path / "data"
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        load_mnist(target)
+    split = load_mnist(target, download=True, base_url=source.as_uri())
+    assert sorted(p.name for p in target.iterdir()) == sorted(MNIST_FILES.values())
+    np.testing.assert_array_equal(split.y_train, arrays["y_train"])
+
+
+def test_mnist_rejects_corrupt_files(tiny_mnist):
+    source, _ = tiny_mnist
+    with gzip.open(source / MNIST_FILES["y_test"], "wb") as f:
+        f.write(b"not an idx file")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        load_mnist(source)
+    write_idx(source / MNIST_FILES["y_test"], np.zeros(3))  # 4 test images but 3 labels
+    with pytest.raises(ValueError, match="do not hold images"):
+        load_mnist(source)
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("TRUE", True), ("yes", True), ("0", False), ("", False)])
+def test_quick_mode_reads_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("BOOK_QUICK", value)
+    assert quick_mode() is expected
