@@ -48,22 +48,25 @@ def solve_batched(
     failed = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
     active = residual >= tol
 
-    for _ in range(max_iter):
-        if not bool(active.any()):
-            break
-        proposal = update(counted, z, fz)
-        finite = torch.isfinite(proposal.detach()).flatten(1).all(dim=1)
-        failed = failed | (active & ~finite)
-        stepping = active & finite
-        z = torch.where(_per_sample(stepping, z), proposal, z)
-        fz = counted(z)
-        new_residual = residual_norm(fz, z)
-        failed = failed | (stepping & ~torch.isfinite(new_residual.detach()))
-        stepping = stepping & ~failed
-        residual = torch.where(stepping, new_residual, residual)
-        iterations = iterations + stepping
-        trace.append(residual.detach())
-        active = stepping & (residual >= tol)
+    # Record the steps only if the map's output needs gradients at all; otherwise Newton's Jacobians would
+    # build graphs that nothing uses.
+    with torch.set_grad_enabled(fz.requires_grad):
+        for _ in range(max_iter):
+            if not bool(active.any()):
+                break
+            proposal = update(counted, z, fz)
+            finite = torch.isfinite(proposal.detach()).flatten(1).all(dim=1)
+            failed = failed | (active & ~finite)
+            stepping = active & finite
+            z = torch.where(_per_sample(stepping, z), proposal, z)
+            fz = counted(z)
+            new_residual = residual_norm(fz, z)
+            failed = failed | (stepping & ~torch.isfinite(new_residual.detach()))
+            stepping = stepping & ~failed
+            residual = torch.where(stepping, new_residual, residual)
+            iterations = iterations + stepping
+            trace.append(residual.detach())
+            active = stepping & (residual >= tol)
 
     result = SolverResult(
         iterations=iterations,
