@@ -7,3 +7,38 @@ class ConvergenceWarning(UserWarning):
 
 class ConvergenceError(RuntimeError):
     """A solver called with ``strict=True`` stopped before every sample met its tolerance."""
+
+
+def report_convergence(name, converged, residual, failed, *, tol, max_iter, strict, stacklevel=2) -> None:
+    """Warn (or, when ``strict``, raise) if some sample of a batched solve did not converge.
+
+    Parameters
+    ----------
+    name : str
+        The solver, as the message names it.
+    converged, residual, failed : array_like
+        Per-sample flags and final residuals (NumPy-convertible, shape (B,)).
+    tol, max_iter : float, int
+        The limits the solver ran with, quoted in the message.
+    strict : bool
+        Raise :class:`ConvergenceError` instead of warning.
+    stacklevel : int
+        Passed to :func:`warnings.warn` so the warning points at the caller's code.
+    """
+    import warnings
+
+    import numpy as np
+
+    converged, residual, failed = (np.asarray(a) for a in (converged, residual, failed))
+    missed = ~converged
+    if not missed.any():
+        return
+    message = (
+        f"{name} did not converge for {int(missed.sum())} of {missed.size} samples "
+        f"(max_iter={max_iter}): largest residual reached {float(residual[missed].max()):.3g}, tol {tol:.3g}"
+    )
+    if failed.any():
+        message += f"; {int(failed.sum())} stopped because a step gave NaN/Inf or a singular linear system"
+    if strict:
+        raise ConvergenceError(message)
+    warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)

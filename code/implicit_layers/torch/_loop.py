@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
 
-from ..errors import ConvergenceError, ConvergenceWarning
-from ._validation import check_batched_state, check_iteration_limit, check_map_output, check_tolerance
+from ..errors import report_convergence
+from .._checks import check_iteration_limit, check_tolerance
+from ._validation import check_batched_state, check_map_output
 from .result import SolverResult
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -84,18 +84,13 @@ def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _report(name: str, result: SolverResult, *, tol: float, max_iter: int, strict: bool) -> None:
-    not_converged = ~result.converged
-    count = int(not_converged.sum())
-    if count == 0:
-        return
-    worst = float(result.residual[not_converged].max())
-    message = (
-        f"{name} did not converge for {count} of {result.converged.numel()} samples "
-        f"(max_iter={max_iter}): largest residual reached {worst:.3g}, tol {tol:.3g}"
+    report_convergence(
+        name,
+        result.converged.cpu().numpy(),
+        result.residual.cpu().numpy(),
+        result.failed.cpu().numpy(),
+        tol=tol,
+        max_iter=max_iter,
+        strict=strict,
+        stacklevel=4,
     )
-    n_failed = int(result.failed.sum())
-    if n_failed:
-        message += f"; {n_failed} stopped because a step gave NaN/Inf or a singular linear system"
-    if strict:
-        raise ConvergenceError(message)
-    warnings.warn(message, ConvergenceWarning, stacklevel=4)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -32,22 +31,6 @@ def check_map_output(fz: Any, z0: torch.Tensor) -> None:
             )
     if not bool(torch.isfinite(fz).all()):
         raise ValueError("f(z0) contains NaN or Inf: check the inputs and parameters that f uses")
-
-
-def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
-
-
-def check_tolerance(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def check_iteration_limit(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _show(value: Any) -> str:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ._loop import Map
-from ._validation import check_batched_state, check_choice
+from .._checks import check_choice
+from ._validation import check_batched_state
 from .forward_iteration import forward_iteration
 from .newton import newton
 from .result import SolverResult
