@@ -1,0 +1,19 @@
+"""JAX implicit layers: batched fixed-point solvers and their implicit derivatives, mirroring
+``implicit_layers.torch`` name for name."""
+
+from ..errors import ConvergenceError, ConvergenceWarning
+from .fixed_point import SOLVERS, fixed_point
+from .forward_iteration import forward_iteration
+from .newton import batched_jacobian, newton
+from .result import SolverResult
+
+__all__ = [
+    "SOLVERS",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "SolverResult",
+    "batched_jacobian",
+    "fixed_point",
+    "forward_iteration",
+    "newton",
+]

@@ -1,0 +1,61 @@
+"""Forward (Picard) iteration ``z <- f(z)``, in JAX."""
+
+from __future__ import annotations
+
+import jax
+
+from ._loop import Map, solve_batched
+from .result import SolverResult
+
+
+def forward_iteration(
+    f: Map, z0: jax.Array, *, tol: float = 1e-5, max_iter: int = 100, strict: bool = False, unroll: bool = False
+) -> tuple[jax.Array, SolverResult]:
+    """Find a fixed point ``z = f(z)`` of a batched map by iterating it.
+
+    The JAX twin of :func:`implicit_layers.torch.forward_iteration`; composes with ``jit`` and ``vmap``.
+
+    Parameters
+    ----------
+    f : callable
+        Maps a batch of states of shape (B, ...) to a batch of the same shape and dtype, acting on each sample
+        independently.
+    z0 : jax.Array
+        Initial guess, shape (B, ...), floating point.
+    tol : float
+        Absolute tolerance on each sample's residual ``||f(z) - z||_2``.
+    max_iter : int
+        Most steps per sample.
+    strict : bool
+        Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
+    unroll : bool
+        Run a fixed ``max_iter``-step ``lax.scan`` that reverse-mode autodiff can differentiate through
+        (unrolled differentiation), instead of an early-stopping ``lax.while_loop``.
+
+    Returns
+    -------
+    z : jax.Array
+        The last iterate, shape of ``z0``.
+    result : SolverResult
+        Iterations, residual trace and convergence flags per sample.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When some sample does not reach ``tol``; the message gives the largest residual reached.
+    """
+    return solve_batched(
+        "forward_iteration",
+        f,
+        z0,
+        _picard_update,
+        evaluations_per_update=0,
+        tol=tol,
+        max_iter=max_iter,
+        strict=strict,
+        unroll=unroll,
+    )
+
+
+def _picard_update(f: Map, z: jax.Array, fz: jax.Array) -> jax.Array:
+    return fz

@@ -1,0 +1,165 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.test_util import check_grads
+
+import implicit_layers.torch as ilt
+from implicit_layers.jax import (
+    ConvergenceError,
+    ConvergenceWarning,
+    batched_jacobian,
+    fixed_point,
+    forward_iteration,
+    newton,
+)
+
+from conftest import tanh_problem
+
+jax.config.update("jax_enable_x64", True)
+
+SOLVER_FUNCTIONS = {"forward_iteration": forward_iteration, "newton": newton}
+
+
+def tanh_cell(z, theta):
+    W, x = theta
+    return jnp.tanh(z @ W.T + x)
+
+
+def jax_problem(**kwargs):
+    W, x = tanh_problem(**kwargs)
+    return jnp.asarray(W.numpy()), jnp.asarray(x.numpy())
+
+
+@pytest.mark.parametrize("name", SOLVER_FUNCTIONS)
+def test_solvers_reach_the_fixed_point_and_match_torch(name):
+    W, x = tanh_problem(batch=5, n=8, scale=0.8)
+    theta = (jnp.asarray(W.numpy()), jnp.asarray(x.numpy()))
+    z, result = SOLVER_FUNCTIONS[name](lambda z: tanh_cell(z, theta), jnp.zeros(x.shape), tol=1e-11, max_iter=300)
+    assert result.status == "converged"
+    assert float(jnp.abs(tanh_cell(z, theta) - z).max()) < 1e-11
+    torch_solver = getattr(ilt, name)
+    z_torch, torch_result = torch_solver(lambda z: torch.tanh(z @ W.T + x), torch.zeros_like(x), tol=1e-11, max_iter=300)
+    np.testing.assert_allclose(np.asarray(z), z_torch.numpy(), atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(result.iterations), torch_result.iterations.numpy())
+    assert int(result.nfe) == torch_result.nfe
+    steps = int(result.num_steps)
+    np.testing.assert_allclose(np.asarray(result.residuals[: steps + 1]), torch_result.residuals.numpy(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(result.residuals[steps:]), np.asarray(result.residual)[None].repeat(301 - steps, 0))
+
+
+@pytest.mark.parametrize("name", SOLVER_FUNCTIONS)
+def test_jit_vmap_and_per_sample_stopping(name):
+    W, x = jax_problem(batch=6, scale=0.8)
+    x = x * jnp.linspace(0.01, 3.0, 6)[:, None]
+    solve = SOLVER_FUNCTIONS[name]
+    run = jax.jit(lambda x: solve(lambda z: tanh_cell(z, (W, x)), jnp.zeros_like(x), tol=1e-10, max_iter=300))
+    z, result = run(x)
+    assert len(set(np.asarray(result.iterations).tolist())) > 1
+    for i in range(6):
+        zi, ri = run(x[i : i + 1])
+        np.testing.assert_allclose(np.asarray(zi[0]), np.asarray(z[i]), atol=1e-14)
+        assert int(ri.iterations[0]) == int(result.iterations[i])
+    z_vmapped, _ = jax.vmap(run)(jnp.stack([x, 2 * x]))
+    np.testing.assert_allclose(np.asarray(z_vmapped[0]), np.asarray(z), atol=1e-14)
+
+
+def test_batched_jacobian_matches_jacfwd():
+    W, x = jax_problem()
+    z = 0.1 * jnp.ones_like(x)
+    fz, jacobian = batched_jacobian(lambda z: tanh_cell(z, (W, x)), z)
+    for b in range(x.shape[0]):
+        expected = jax.jacfwd(lambda zb: jnp.tanh(W @ zb + x[b]))(z[b])
+        np.testing.assert_allclose(np.asarray(jacobian[b]), np.asarray(expected), atol=1e-14)
+
+
+@pytest.mark.parametrize("solver", ["newton", "forward_iteration"])
+@pytest.mark.parametrize("backward_solver", ["forward_iteration", "newton"])
+def test_check_grads_forward_and_reverse(solver, backward_solver):
+    W, x = jax_problem(batch=3, n=5)
+
+    def solution(theta):
+        return fixed_point(
+            tanh_cell, jnp.zeros(x.shape), theta, solver=solver, backward_solver=backward_solver,
+            tol=1e-12, max_iter=300, backward_tol=1e-13, backward_max_iter=500,
+        )[0]
+
+    check_grads(solution, ((W, x),), order=1, modes=("fwd", "rev"))
+    check_grads(jax.jit(solution), ((W, x),), order=1, modes=("rev",))
+
+
+def test_implicit_equals_unrolled_and_torch_gradient():
+    W_t, x_t = tanh_problem(batch=4, n=6, scale=0.7)
+    theta = (jnp.asarray(W_t.numpy()), jnp.asarray(x_t.numpy()))
+    upstream = np.random.default_rng(0).standard_normal(x_t.shape)
+
+    def loss(theta, backward):
+        z, _ = fixed_point(tanh_cell, jnp.zeros(x_t.shape), theta, backward=backward, tol=1e-12, backward_tol=1e-13)
+        return jnp.sum(z * upstream)
+
+    implicit = jax.grad(loss)(theta, "implicit")
+    unrolled = jax.grad(loss)(theta, "unrolled")
+    W_r, x_r = W_t.clone().requires_grad_(), x_t.clone().requires_grad_()
+    z_torch, _ = ilt.fixed_point(lambda z: torch.tanh(z @ W_r.T + x_r), torch.zeros_like(x_t), tol=1e-12, backward_tol=1e-13)
+    torch_grads = torch.autograd.grad((z_torch * torch.from_numpy(upstream)).sum(), (W_r, x_r))
+    for i in range(2):
+        np.testing.assert_allclose(np.asarray(implicit[i]), np.asarray(unrolled[i]), atol=1e-11)
+        np.testing.assert_allclose(np.asarray(implicit[i]), torch_grads[i].numpy(), atol=1e-11)
+
+
+def test_non_convergence_warns_eagerly_and_under_jit():
+    W, x = jax_problem()
+    f = lambda z: tanh_cell(z, (1.8 * W, x))  # noqa: E731
+    with pytest.warns(ConvergenceWarning, match="largest residual reached"):
+        _, result = forward_iteration(f, jnp.zeros(x.shape), tol=1e-12, max_iter=1)
+    assert result.status == "max_iter"
+    with pytest.raises(ConvergenceError, match="largest residual reached"):
+        newton(f, jnp.zeros(x.shape), tol=1e-12, max_iter=1, strict=True)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        jax.block_until_ready(jax.jit(lambda z0: forward_iteration(f, z0, tol=1e-12, max_iter=1)[0])(jnp.zeros(x.shape)))
+
+
+def test_failures_are_reported():
+    with pytest.warns(ConvergenceWarning, match="NaN/Inf"):
+        _, result = forward_iteration(lambda z: 10.0 * z + 1.0, jnp.zeros((3, 2), jnp.float32), max_iter=200)
+    assert result.status == "diverged"
+    with pytest.warns(ConvergenceWarning, match="singular"):
+        _, result = newton(lambda z: z + 1.0, jnp.zeros((2, 3)))
+    assert result.status == "diverged"
+
+
+def test_bad_inputs_name_the_argument():
+    W, x = jax_problem()
+    f = lambda z: tanh_cell(z, (W, x))  # noqa: E731
+    with pytest.raises(TypeError, match="z0 must be a JAX array"):
+        forward_iteration(f, [0.0])
+    with pytest.raises(ValueError, match="z0 must have a leading batch dimension"):
+        forward_iteration(f, jnp.zeros(()))
+    with pytest.raises(TypeError, match="z0 must have a floating-point dtype"):
+        newton(f, jnp.zeros(x.shape, jnp.int32))
+    with pytest.raises(ValueError, match="z0 contains NaN or Inf"):
+        forward_iteration(f, jnp.full(x.shape, jnp.nan))
+    with pytest.raises(ValueError, match="same shape"):
+        forward_iteration(lambda z: z[:, :3], jnp.zeros(x.shape))
+    with pytest.raises(ValueError, match=r"f\(z0\) contains NaN or Inf"):
+        newton(lambda z: z + jnp.inf, jnp.zeros(x.shape))
+    with pytest.raises(ValueError, match="tol must be a positive finite number"):
+        forward_iteration(f, jnp.zeros(x.shape), tol=-1.0)
+    with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+        newton(f, jnp.zeros(x.shape), max_iter=0)
+    with pytest.raises(ValueError, match="unknown solver 'anderson'"):
+        fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), solver="anderson")
+    with pytest.raises(ValueError, match="unknown backward 'phantom'"):
+        fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), backward="phantom")
+
+
+def test_torch_and_jax_mirror_each_other():
+    import implicit_layers.jax as ilj
+
+    shared = {"SOLVERS", "ConvergenceError", "ConvergenceWarning", "SolverResult", "batched_jacobian",
+              "fixed_point", "forward_iteration", "newton"}
+    assert shared <= set(ilt.__all__) and shared <= set(ilj.__all__)
+    assert set(ilt.SOLVERS) == set(ilj.SOLVERS)
+    torch_only = set(ilt.__all__) - set(ilj.__all__)
+    assert torch_only == {"FixedPointLayer", "autograd_graph_bytes", "default_device", "seed_everything"}
