@@ -9,7 +9,9 @@ import implicit_layers.torch as ilt
 from implicit_layers.jax import (
     ConvergenceError,
     ConvergenceWarning,
+    anderson,
     batched_jacobian,
+    broyden,
     fixed_point,
     forward_iteration,
     newton,
@@ -19,7 +21,7 @@ from conftest import tanh_problem
 
 jax.config.update("jax_enable_x64", True)
 
-SOLVER_FUNCTIONS = {"forward_iteration": forward_iteration, "newton": newton}
+SOLVER_FUNCTIONS = {"forward_iteration": forward_iteration, "newton": newton, "anderson": anderson, "broyden": broyden}
 
 
 def tanh_cell(z, theta):
@@ -74,8 +76,10 @@ def test_batched_jacobian_matches_jacfwd():
         np.testing.assert_allclose(np.asarray(jacobian[b]), np.asarray(expected), atol=1e-14)
 
 
-@pytest.mark.parametrize("solver", ["newton", "forward_iteration"])
-@pytest.mark.parametrize("backward_solver", ["forward_iteration", "newton"])
+@pytest.mark.parametrize(
+    "solver, backward_solver",
+    [("newton", "forward_iteration"), ("forward_iteration", "newton"), ("anderson", "anderson"), ("broyden", "broyden")],
+)
 def test_check_grads_forward_and_reverse(solver, backward_solver):
     W, x = jax_problem(batch=3, n=5)
 
@@ -120,6 +124,35 @@ def test_non_convergence_warns_eagerly_and_under_jit():
         jax.block_until_ready(jax.jit(lambda z0: forward_iteration(f, z0, tol=1e-12, max_iter=1)[0])(jnp.zeros(x.shape)))
 
 
+def test_unrolled_accelerated_solvers_match_implicit():
+    W, x = jax_problem(batch=3, n=5, scale=0.8)
+
+    def loss(theta, solver, backward):
+        z, _ = fixed_point(tanh_cell, jnp.zeros(x.shape), theta, solver=solver, backward=backward,
+                           tol=1e-12, max_iter=60, backward_tol=1e-13)
+        return jnp.sum(z**2)
+
+    for solver in ("anderson", "broyden"):
+        implicit = jax.grad(loss)((W, x), solver, "implicit")
+        unrolled = jax.grad(loss)((W, x), solver, "unrolled")
+        for a, b in zip(implicit, unrolled):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
+
+
+def test_solver_options_are_checked():
+    W, x = jax_problem()
+    f = lambda z: tanh_cell(z, (W, x))  # noqa: E731
+    with pytest.raises(ValueError, match="m must be a positive integer"):
+        anderson(f, jnp.zeros(x.shape), m=0)
+    with pytest.raises(ValueError, match="damping must lie in"):
+        anderson(f, jnp.zeros(x.shape), damping=0.0)
+    with pytest.raises(ValueError, match="m must be a positive integer"):
+        broyden(f, jnp.zeros(x.shape), m=-2)
+    z, result = fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), solver="anderson",
+                            solver_options={"m": 2, "damping": 0.7}, tol=1e-10)
+    assert result.status == "converged"
+
+
 def test_failures_are_reported():
     with pytest.warns(ConvergenceWarning, match="NaN/Inf"):
         _, result = forward_iteration(lambda z: 10.0 * z + 1.0, jnp.zeros((3, 2), jnp.float32), max_iter=200)
@@ -148,8 +181,8 @@ def test_bad_inputs_name_the_argument():
         forward_iteration(f, jnp.zeros(x.shape), tol=-1.0)
     with pytest.raises(ValueError, match="max_iter must be a positive integer"):
         newton(f, jnp.zeros(x.shape), max_iter=0)
-    with pytest.raises(ValueError, match="unknown solver 'anderson'"):
-        fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), solver="anderson")
+    with pytest.raises(ValueError, match="unknown solver 'lbfgs'"):
+        fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), solver="lbfgs")
     with pytest.raises(ValueError, match="unknown backward 'phantom'"):
         fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), backward="phantom")
 
@@ -157,8 +190,8 @@ def test_bad_inputs_name_the_argument():
 def test_torch_and_jax_mirror_each_other():
     import implicit_layers.jax as ilj
 
-    shared = {"SOLVERS", "ConvergenceError", "ConvergenceWarning", "SolverResult", "batched_jacobian",
-              "fixed_point", "forward_iteration", "newton"}
+    shared = {"SOLVERS", "ConvergenceError", "ConvergenceWarning", "SolverResult", "anderson", "batched_jacobian",
+              "broyden", "fixed_point", "forward_iteration", "newton"}
     assert shared <= set(ilt.__all__) and shared <= set(ilj.__all__)
     assert set(ilt.SOLVERS) == set(ilj.SOLVERS)
     torch_only = set(ilt.__all__) - set(ilj.__all__)

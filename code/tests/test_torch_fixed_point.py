@@ -23,6 +23,10 @@ ROUTES = [  # (solver, backward, backward_solver)
     ("forward_iteration", "implicit", "forward_iteration"),
     ("forward_iteration", "unrolled", "forward_iteration"),
     ("newton", "unrolled", "forward_iteration"),
+    ("anderson", "implicit", "anderson"),
+    ("broyden", "implicit", "broyden"),
+    ("anderson", "unrolled", "forward_iteration"),
+    ("broyden", "unrolled", "forward_iteration"),
 ]
 
 
@@ -83,6 +87,23 @@ def test_implicit_memory_does_not_grow_with_iterations():
     assert graph_bytes("implicit", 1e-12) < graph_bytes("unrolled", 1e-3)
 
 
+def test_solver_options_reach_both_solves():
+    seed_everything(2)
+    layer = FixedPointLayer(
+        TanhCell(6, scale=0.9),
+        solver="anderson",
+        backward_solver="anderson",
+        solver_options={"m": 2, "damping": 0.8},
+        backward_solver_options={"m": 3},
+        tol=1e-10,
+    ).double()
+    layer(torch.randn(3, 6, dtype=torch.float64)).sum().backward()
+    assert layer.last_result.status == "converged" and layer.last_backward_result.status == "converged"
+    with pytest.raises(ValueError, match="damping must lie in"):
+        layer.options["solver_options"] = {"damping": 2.0}
+        layer(torch.randn(3, 6, dtype=torch.float64))
+
+
 def test_solution_under_no_grad_has_no_graph(problem):
     W, x = problem
     W.requires_grad_()
@@ -132,8 +153,8 @@ def test_layer_rejects_bad_input_and_options():
     x[0, 0] = float("inf")
     with pytest.raises(ValueError, match="x contains NaN or Inf"):
         layer(x)
-    with pytest.raises(ValueError, match="unknown solver 'anderson'"):
-        FixedPointLayer(TanhCell(4), solver="anderson")
+    with pytest.raises(ValueError, match="unknown solver 'lbfgs'"):
+        FixedPointLayer(TanhCell(4), solver="lbfgs")
     with pytest.raises(ValueError, match="unknown backward 'phantom'"):
         FixedPointLayer(TanhCell(4), backward="phantom")
     with pytest.raises(ValueError, match="unknown backward_solver 'cg'"):
@@ -151,7 +172,7 @@ def test_strict_backward_raises_when_the_adjoint_solve_stalls(problem):
 
 
 def test_solver_registry_and_device_choice(monkeypatch):
-    assert set(SOLVERS) == {"forward_iteration", "newton"}
+    assert set(SOLVERS) == {"forward_iteration", "newton", "anderson", "broyden"}
     monkeypatch.setenv("IMPLICIT_LAYERS_DEVICE", "cpu")
     assert default_device() == torch.device("cpu")
     monkeypatch.delenv("IMPLICIT_LAYERS_DEVICE")

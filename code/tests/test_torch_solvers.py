@@ -4,14 +4,17 @@ import torch
 from implicit_layers.torch import (
     ConvergenceError,
     ConvergenceWarning,
+    anderson,
     batched_jacobian,
+    broyden,
     forward_iteration,
     newton,
 )
 
 from conftest import DEVICES, tanh_problem
 
-SOLVER_FUNCTIONS = {"forward_iteration": forward_iteration, "newton": newton}
+SOLVER_FUNCTIONS = {"forward_iteration": forward_iteration, "newton": newton, "anderson": anderson, "broyden": broyden}
+ONE_EVALUATION_PER_STEP = ("forward_iteration", "anderson", "broyden")
 
 
 def tanh_map(W, x):
@@ -34,6 +37,14 @@ def test_solvers_reach_the_fixed_point(name, device, dtype):
     assert result.residuals.shape == (result.num_steps + 1, x.shape[0])
 
 
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_accelerated_solvers_agree_with_newton(name, problem):
+    W, x = problem
+    z, _ = SOLVER_FUNCTIONS[name](tanh_map(W, x), torch.zeros_like(x), tol=1e-12)
+    z_newton, _ = newton(tanh_map(W, x), torch.zeros_like(x), tol=1e-12)
+    torch.testing.assert_close(z, z_newton, atol=1e-11, rtol=0)
+
+
 def test_solvers_agree_and_newton_is_faster(problem):
     W, x = problem
     z_iter, iter_result = forward_iteration(tanh_map(W, x), torch.zeros_like(x), tol=1e-12, max_iter=500)
@@ -50,9 +61,83 @@ def test_residual_trace_and_function_counts(problem):
     torch.testing.assert_close(result.residuals[0], (f(z0) - z0).norm(dim=1))
     # For a contraction, forward iteration's residuals never grow.
     assert bool((result.residuals[1:] <= result.residuals[:-1] + 1e-15).all())
-    assert result.nfe == result.num_steps + 1
+    for name in ONE_EVALUATION_PER_STEP:
+        _, result = SOLVER_FUNCTIONS[name](f, z0, tol=1e-8)
+        assert result.nfe == result.num_steps + 1
     _, newton_result = newton(f, z0, tol=1e-8)
     assert newton_result.nfe == 2 * newton_result.num_steps + 1
+
+
+def symmetric_problem(scale, n=64, batch=16):
+    """A tanh map with symmetric W: slow for plain iteration when the spectral norm nears 1."""
+    generator = torch.Generator().manual_seed(4)
+    A = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    W = scale * (A + A.T) / torch.linalg.matrix_norm(A + A.T, ord=2)
+    return tanh_map(W, torch.randn(batch, n, generator=generator, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_acceleration_beats_plain_iteration(name):
+    f = symmetric_problem(0.95)
+    z0 = torch.zeros(16, 64, dtype=torch.float64)
+    _, plain = forward_iteration(f, z0, tol=1e-10, max_iter=1000)
+    _, accelerated = SOLVER_FUNCTIONS[name](f, z0, tol=1e-10, max_iter=1000)
+    assert accelerated.status == "converged"
+    assert int(accelerated.iterations.max()) < 0.6 * int(plain.iterations.max())
+
+
+def test_accelerated_methods_converge_where_iteration_does_not():
+    f = symmetric_problem(1.5)  # not a contraction
+    z0 = torch.zeros(16, 64, dtype=torch.float64)
+    with pytest.warns(ConvergenceWarning):
+        forward_iteration(f, z0, tol=1e-10, max_iter=50)
+    for name in ("anderson", "broyden", "newton"):
+        _, result = SOLVER_FUNCTIONS[name](f, z0, tol=1e-10, max_iter=200)
+        assert result.status == "converged", name
+
+
+@pytest.mark.parametrize("m", [1, 3, 30])
+def test_small_memories_still_converge(m):
+    f = symmetric_problem(0.9)
+    z0 = torch.zeros(16, 64, dtype=torch.float64)
+    for solve in (anderson, broyden):
+        _, result = solve(f, z0, m=m, tol=1e-10, max_iter=500)
+        assert result.status == "converged"
+
+
+def test_anderson_ridge_scales_with_the_residuals():
+    # A fixed ridge of 1e-4 would dominate the Gram matrix once residuals are ~1e-3 and stall near plain
+    # iteration; the relative ridge keeps Anderson's advantage at tight tolerances.
+    f = symmetric_problem(0.95)
+    z0 = torch.zeros(16, 64, dtype=torch.float64)
+    _, loose = anderson(f, z0, ridge=1e-4, tol=1e-12, max_iter=1000)
+    _, tiny = anderson(f, z0, ridge=1e-10, tol=1e-12, max_iter=1000)
+    assert int(loose.iterations.max()) <= int(tiny.iterations.max()) + 5
+
+
+def test_anderson_damping_and_singular_history_fall_back_safely():
+    f = symmetric_problem(0.9)
+    z0 = torch.zeros(16, 64, dtype=torch.float64)
+    _, damped = anderson(f, z0, damping=0.5, tol=1e-10, max_iter=500)
+    assert damped.status == "converged"
+    # A constant map makes every residual in the history identical: a singular least-squares system.
+    target = torch.ones(4, 3, dtype=torch.float64)
+    z, result = anderson(lambda z: target, torch.zeros(4, 3, dtype=torch.float64), tol=1e-12)
+    assert result.status == "converged"
+    torch.testing.assert_close(z, target)
+
+
+def test_solver_options_are_checked():
+    f = symmetric_problem(0.5)
+    z0 = torch.zeros(16, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match="m must be a positive integer"):
+        anderson(f, z0, m=0)
+    with pytest.raises(ValueError, match="ridge must be a positive finite number"):
+        anderson(f, z0, ridge=-1.0)
+    with pytest.raises(ValueError, match="damping must lie in"):
+        anderson(f, z0, damping=1.5)
+    with pytest.raises(ValueError, match="m must be a positive integer"):
+        broyden(f, z0, m=0)
 
 
 @pytest.mark.parametrize("name", SOLVER_FUNCTIONS)

@@ -2,6 +2,8 @@
 ``implicit_layers.torch`` name for name."""
 
 from ..errors import ConvergenceError, ConvergenceWarning
+from .anderson import anderson
+from .broyden import broyden
 from .fixed_point import SOLVERS, fixed_point
 from .forward_iteration import forward_iteration
 from .newton import batched_jacobian, newton
@@ -12,7 +14,9 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "SolverResult",
+    "anderson",
     "batched_jacobian",
+    "broyden",
     "fixed_point",
     "forward_iteration",
     "newton",

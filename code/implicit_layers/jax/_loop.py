@@ -4,7 +4,7 @@ warnings. The twin of ``implicit_layers.torch._loop``."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,8 @@ from ._validation import check_batched_state, check_map_output, is_concrete
 from .result import SolverResult
 
 Map = Callable[[jax.Array], jax.Array]
-Update = Callable[[Map, jax.Array, jax.Array], jax.Array]
+Update = Callable[[Map, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+"""``update(f, z, f(z), state) -> (proposal, state)``: one step of a method; ``state`` carries its memory."""
 
 
 def residual_norm(fz: jax.Array, z: jax.Array) -> jax.Array:
@@ -34,8 +35,10 @@ def solve_batched(
     max_iter: int,
     strict: bool,
     unroll: bool,
+    init_state: Callable[[jax.Array], Any] = lambda z0: None,
 ) -> tuple[jax.Array, SolverResult]:
-    """Iterate ``z <- update(f, z, f(z))`` on each sample until its residual drops below ``tol``.
+    """Iterate ``z <- update(f, z, f(z), state)`` on each sample until its residual drops below ``tol``;
+    ``state`` starts as ``init_state(z0)`` (a pytree of fixed shapes) and is threaded through the updates.
 
     The loop runs on the device (``lax.while_loop``), so there is no host synchronization per step. With
     ``unroll`` it runs as a ``lax.scan`` of ``max_iter`` steps instead, which reverse-mode autodiff can
@@ -58,11 +61,12 @@ def solve_batched(
         failed=jnp.zeros(batch, bool),
         iterations=jnp.zeros(batch, jnp.int32),
         trace=jnp.zeros((max_iter + 1, batch), residual.dtype).at[0].set(residual),
+        memory=init_state(z0),
     )
 
     def step(state):
         active = state["active"]
-        proposal = update(f, state["z"], state["fz"])
+        proposal, memory = update(f, state["z"], state["fz"], state["memory"])
         finite = jnp.isfinite(proposal).reshape(batch, -1).all(axis=1)
         failed = state["failed"] | (active & ~finite)
         stepping = active & finite
@@ -82,6 +86,7 @@ def solve_batched(
             failed=failed,
             iterations=state["iterations"] + stepping,
             trace=state["trace"].at[count].set(residual),
+            memory=memory,
         )
 
     if unroll:

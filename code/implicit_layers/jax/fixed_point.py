@@ -8,11 +8,13 @@ from typing import Any, Callable, Optional
 import jax
 
 from .._checks import check_choice
+from .anderson import anderson
+from .broyden import broyden
 from .forward_iteration import forward_iteration
 from .newton import newton
 from .result import SolverResult
 
-SOLVERS = {"forward_iteration": forward_iteration, "newton": newton}
+SOLVERS = {"forward_iteration": forward_iteration, "newton": newton, "anderson": anderson, "broyden": broyden}
 """The fixed-point solvers by name; each is usable forward and for the linear systems of the derivatives."""
 
 BACKWARD_MODES = ("implicit", "unrolled")
@@ -31,6 +33,8 @@ def fixed_point(
     backward_tol: float = 1e-8,
     backward_max_iter: int = 200,
     strict: bool = False,
+    solver_options: Optional[dict[str, Any]] = None,
+    backward_solver_options: Optional[dict[str, Any]] = None,
 ) -> tuple[jax.Array, SolverResult]:
     """Solve ``z = f(z, theta)`` and make the solution differentiable with respect to ``theta``.
 
@@ -53,11 +57,11 @@ def fixed_point(
         Initial guess, shape (B, ...). It gets no derivative in implicit mode.
     theta : pytree
         What the fixed point is differentiated with respect to (inputs, parameters).
-    solver : {"newton", "forward_iteration"}
+    solver : {"newton", "forward_iteration", "anderson", "broyden"}
         Forward solver.
     backward : {"implicit", "unrolled"}
         How derivatives are computed.
-    backward_solver : {"forward_iteration", "newton"}
+    backward_solver : {"forward_iteration", "newton", "anderson", "broyden"}
         Solver for the linear fixed points of the derivative rules.
     tol, max_iter : float, int or None
         Forward tolerance and iteration limit (``None``: the solver's default).
@@ -65,6 +69,8 @@ def fixed_point(
         Tolerance and iteration limit of the derivative's linear solves.
     strict : bool
         Raise instead of warning when a solve does not converge.
+    solver_options, backward_solver_options : dict, optional
+        Extra keyword arguments of the forward and the linear solvers (for example ``{"m": 6}`` for Anderson).
 
     Returns
     -------
@@ -76,7 +82,7 @@ def fixed_point(
     check_choice("solver", solver, SOLVERS)
     check_choice("backward", backward, BACKWARD_MODES)
     check_choice("backward_solver", backward_solver, SOLVERS)
-    forward_options = {"tol": tol, "strict": strict}
+    forward_options = {**(solver_options or {}), "tol": tol, "strict": strict}
     if max_iter is not None:
         forward_options["max_iter"] = max_iter
 
@@ -88,6 +94,7 @@ def fixed_point(
     linear_solve = partial(
         _solve_linear_fixed_point,
         SOLVERS[backward_solver],
+        options=backward_solver_options or {},
         tol=backward_tol,
         max_iter=backward_max_iter,
         strict=strict,
@@ -115,8 +122,8 @@ def _implicit_solution_jvp(f, linear_solve, primals, tangents):
     return z_star, z_dot
 
 
-def _solve_linear_fixed_point(solver, one_minus_a, b, *, tol, max_iter, strict):
+def _solve_linear_fixed_point(solver, one_minus_a, b, *, options, tol, max_iter, strict):
     """Solve ``(I - A) x = b`` as the fixed point ``x = A x + b``, given ``x -> (I - A) x``; the same function
     serves the transposed system, for which JAX passes ``x -> (I - A)^T x``."""
-    x, _ = solver(lambda x: x - one_minus_a(x) + b, b, tol=tol, max_iter=max_iter, strict=strict)
+    x, _ = solver(lambda x: x - one_minus_a(x) + b, b, **options, tol=tol, max_iter=max_iter, strict=strict)
     return x

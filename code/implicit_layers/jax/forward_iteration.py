@@ -57,5 +57,5 @@ def forward_iteration(
     )
 
 
-def _picard_update(f: Map, z: jax.Array, fz: jax.Array) -> jax.Array:
-    return fz
+def _picard_update(f: Map, z: jax.Array, fz: jax.Array, state: None) -> tuple[jax.Array, None]:
+    return fz, None

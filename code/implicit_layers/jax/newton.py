@@ -95,5 +95,5 @@ def newton(
     )
 
 
-def _newton_update(f: Map, z: jax.Array, fz: jax.Array) -> jax.Array:
-    return newton_step(f, z)
+def _newton_update(f: Map, z: jax.Array, fz: jax.Array, state: None) -> tuple[jax.Array, None]:
+    return newton_step(f, z), None

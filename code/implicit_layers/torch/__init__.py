@@ -1,6 +1,8 @@
 """PyTorch implicit layers: batched fixed-point solvers and their implicit gradients."""
 
 from ..errors import ConvergenceError, ConvergenceWarning
+from .anderson import anderson
+from .broyden import broyden
 from .fixed_point import SOLVERS, FixedPointLayer, fixed_point
 from .forward_iteration import forward_iteration
 from .newton import batched_jacobian, newton
@@ -13,8 +15,10 @@ __all__ = [
     "ConvergenceWarning",
     "FixedPointLayer",
     "SolverResult",
+    "anderson",
     "autograd_graph_bytes",
     "batched_jacobian",
+    "broyden",
     "default_device",
     "fixed_point",
     "forward_iteration",

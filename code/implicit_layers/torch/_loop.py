@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -12,7 +12,8 @@ from ._validation import check_batched_state, check_map_output
 from .result import SolverResult
 
 Map = Callable[[torch.Tensor], torch.Tensor]
-Update = Callable[[Map, torch.Tensor, torch.Tensor], torch.Tensor]
+Update = Callable[[Map, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+"""``update(f, z, f(z), state) -> (proposal, state)``: one step of a method; ``state`` carries its memory."""
 
 
 def residual_norm(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -21,9 +22,19 @@ def residual_norm(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def solve_batched(
-    name: str, f: Map, z0: torch.Tensor, update: Update, *, tol: float, max_iter: int, strict: bool
+    name: str,
+    f: Map,
+    z0: torch.Tensor,
+    update: Update,
+    *,
+    tol: float,
+    max_iter: int,
+    strict: bool,
+    state: Any = None,
 ) -> tuple[torch.Tensor, SolverResult]:
-    """Iterate ``z <- update(f, z, f(z))`` on each sample until its residual ``||f(z) - z||`` drops below ``tol``.
+    """Iterate ``z <- update(f, z, f(z), state)`` on each sample until its residual ``||f(z) - z||`` drops
+    below ``tol``; ``state`` starts as given (methods with memory allocate it on their first update) and is
+    threaded through the updates.
 
     Stopped samples are frozen with ``torch.where`` rather than removed from the batch, so shapes stay fixed and
     the only host synchronization per step is the check whether any sample is still running.
@@ -54,7 +65,7 @@ def solve_batched(
         for _ in range(max_iter):
             if not bool(active.any()):
                 break
-            proposal = update(counted, z, fz)
+            proposal, state = update(counted, z, fz, state)
             finite = torch.isfinite(proposal.detach()).flatten(1).all(dim=1)
             failed = failed | (active & ~finite)
             stepping = active & finite

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -10,11 +10,13 @@ from torch import nn
 from ._loop import Map
 from .._checks import check_choice
 from ._validation import check_batched_state
+from .anderson import anderson
+from .broyden import broyden
 from .forward_iteration import forward_iteration
 from .newton import newton
 from .result import SolverResult
 
-SOLVERS = {"forward_iteration": forward_iteration, "newton": newton}
+SOLVERS = {"forward_iteration": forward_iteration, "newton": newton, "anderson": anderson, "broyden": broyden}
 """The fixed-point solvers by name; each is usable forward and, for the adjoint system, backward."""
 
 BACKWARD_MODES = ("implicit", "unrolled")
@@ -32,6 +34,8 @@ def fixed_point(
     backward_tol: float = 1e-8,
     backward_max_iter: int = 200,
     strict: bool = False,
+    solver_options: Optional[dict[str, Any]] = None,
+    backward_solver_options: Optional[dict[str, Any]] = None,
     backward_callback: Optional[Callable[[SolverResult], None]] = None,
 ) -> tuple[torch.Tensor, SolverResult]:
     """Solve ``z = f(z)`` and make the solution differentiable with respect to whatever ``f`` uses.
@@ -50,19 +54,22 @@ def fixed_point(
     z0 : torch.Tensor
         Initial guess, shape (B, ...). It receives no gradient in implicit mode: the fixed point does not
         depend on where the search started.
-    solver : {"newton", "forward_iteration"}
+    solver : {"newton", "forward_iteration", "anderson", "broyden"}
         Forward solver.
     backward : {"implicit", "unrolled"}
         How gradients are computed.
-    backward_solver : {"forward_iteration", "newton"}
-        Solver for the adjoint fixed point ``g = J^T g + dL/dz*`` (implicit mode). Forward iteration costs one
-        vector-Jacobian product per step; Newton builds ``J`` and solves the linear system exactly in one step.
+    backward_solver : {"forward_iteration", "newton", "anderson", "broyden"}
+        Solver for the adjoint fixed point ``g = J^T g + dL/dz*`` (implicit mode). Forward iteration, Anderson and
+        Broyden cost one vector-Jacobian product per step; Newton builds ``J`` and solves the linear system
+        exactly in one step.
     tol, max_iter : float, int or None
         Forward tolerance and iteration limit (``None``: the solver's default).
     backward_tol, backward_max_iter : float, int
         Tolerance and iteration limit of the adjoint solve.
     strict : bool
         Raise instead of warning when the forward or the adjoint solve does not converge.
+    solver_options, backward_solver_options : dict, optional
+        Extra keyword arguments of the forward and adjoint solvers (for example ``{"m": 6}`` for Anderson).
     backward_callback : callable, optional
         Called with the :class:`SolverResult` of each adjoint solve.
 
@@ -80,7 +87,7 @@ def fixed_point(
     check_choice("solver", solver, SOLVERS)
     check_choice("backward", backward, BACKWARD_MODES)
     check_choice("backward_solver", backward_solver, SOLVERS)
-    forward_options = {"tol": tol, "strict": strict}
+    forward_options = {**(solver_options or {}), "tol": tol, "strict": strict}
     if max_iter is not None:
         forward_options["max_iter"] = max_iter
 
@@ -112,7 +119,12 @@ def fixed_point(
             return vjp + grad
 
         g, adjoint_result = SOLVERS[backward_solver](
-            adjoint_map, grad, tol=backward_tol, max_iter=backward_max_iter, strict=strict
+            adjoint_map,
+            grad,
+            **(backward_solver_options or {}),
+            tol=backward_tol,
+            max_iter=backward_max_iter,
+            strict=strict,
         )
         if backward_callback is not None:
             backward_callback(adjoint_result)
@@ -131,6 +143,8 @@ class FixedPointLayer(nn.Module):
         Called as ``f(z, x)``; maps a batch of states and inputs to a batch of states shaped like ``z``, acting
         on each sample independently. Its parameters are the layer's parameters.
     solver, backward, backward_solver, tol, max_iter, backward_tol, backward_max_iter, strict
+        As in :func:`fixed_point`.
+    solver_options, backward_solver_options
         As in :func:`fixed_point`.
 
     Attributes
@@ -168,6 +182,8 @@ class FixedPointLayer(nn.Module):
         backward_tol: float = 1e-8,
         backward_max_iter: int = 200,
         strict: bool = False,
+        solver_options: Optional[dict[str, Any]] = None,
+        backward_solver_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         check_choice("solver", solver, SOLVERS)
@@ -183,6 +199,8 @@ class FixedPointLayer(nn.Module):
             backward_tol=backward_tol,
             backward_max_iter=backward_max_iter,
             strict=strict,
+            solver_options=solver_options,
+            backward_solver_options=backward_solver_options,
         )
         self.last_result: Optional[SolverResult] = None
         self.last_backward_result: Optional[SolverResult] = None

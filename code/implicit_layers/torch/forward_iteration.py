@@ -46,5 +46,5 @@ def forward_iteration(
     return solve_batched("forward_iteration", f, z0, _picard_update, tol=tol, max_iter=max_iter, strict=strict)
 
 
-def _picard_update(f: Map, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
-    return fz
+def _picard_update(f: Map, z: torch.Tensor, fz: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
+    return fz, None

@@ -103,5 +103,5 @@ def newton(
     return solve_batched("newton", f, z0, _newton_update, tol=tol, max_iter=max_iter, strict=strict)
 
 
-def _newton_update(f: Map, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
-    return newton_step(f, z)
+def _newton_update(f: Map, z: torch.Tensor, fz: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
+    return newton_step(f, z), None

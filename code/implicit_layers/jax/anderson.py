@@ -1,0 +1,98 @@
+"""Anderson acceleration in JAX; the twin of :func:`implicit_layers.torch.anderson`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .._checks import check_iteration_limit, check_tolerance
+from ._loop import Map, solve_batched
+from .result import SolverResult
+
+
+def anderson(
+    f: Map,
+    z0: jax.Array,
+    *,
+    m: int = 5,
+    ridge: float = 1e-4,
+    damping: float = 1.0,
+    tol: float = 1e-5,
+    max_iter: int = 100,
+    strict: bool = False,
+    unroll: bool = False,
+) -> tuple[jax.Array, SolverResult]:
+    """Find a fixed point ``z = f(z)`` of a batched map with Anderson acceleration.
+
+    The same method as :func:`implicit_layers.torch.anderson`: weights minimizing the regularized combination
+    of the last ``m`` residuals (ridge relative to their mean square), the damped extrapolated step, and the
+    plain damped step for a sample whose small system is singular. Under ``jit`` the history has a fixed size
+    and unused slots are masked out.
+
+    Parameters
+    ----------
+    f : callable
+        Maps a batch of states of shape (B, ...) to a batch of the same shape and dtype, acting on each sample
+        independently.
+    z0 : jax.Array
+        Initial guess, shape (B, ...), floating point.
+    m : int
+        History size.
+    ridge : float
+        Relative Tikhonov regularization of the least-squares problem for the weights.
+    damping : float
+        Mixing parameter ``beta`` in (0, 1].
+    tol, max_iter, strict, unroll
+        As in :func:`implicit_layers.jax.forward_iteration`.
+
+    Returns
+    -------
+    z : jax.Array
+        The last iterate, shape of ``z0``.
+    result : SolverResult
+        Iterations, residual trace and convergence flags per sample.
+    """
+    check_iteration_limit("m", m)
+    check_tolerance("ridge", ridge)
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
+        raise ValueError(f"damping must lie in (0, 1], got {damping!r}")
+
+    def init_state(z0):
+        history = jnp.zeros((z0.shape[0], m, z0[0].size), z0.dtype)
+        return history, history, jnp.zeros((), jnp.int32)
+
+    def update(f: Map, z: jax.Array, fz: jax.Array, state):
+        iterates, images, count = state
+        batch = z.shape[0]
+        slot = count % m
+        iterates = iterates.at[:, slot].set(z.reshape(batch, -1))
+        images = images.at[:, slot].set(fz.reshape(batch, -1))
+        valid = jnp.arange(m) < jnp.minimum(count + 1, m)
+        residuals = jnp.where(valid[None, :, None], images - iterates, 0.0)
+        gram = residuals @ residuals.transpose(0, 2, 1)
+        scale = jnp.trace(gram, axis1=1, axis2=2) / jnp.sum(valid)
+        # Unused slots get an identity block and a zero right-hand side, so their weights are exactly zero.
+        diagonal = jnp.where(valid, ridge * scale[:, None], 1.0)
+        regularized = gram + jax.vmap(jnp.diag)(diagonal)
+        weights = jnp.linalg.solve(regularized, jnp.broadcast_to(valid.astype(z.dtype), (batch, m))[..., None])
+        alpha = weights / weights.sum(axis=1, keepdims=True)
+        mixed = damping * (alpha.transpose(0, 2, 1) @ images)
+        if damping < 1.0:
+            mixed = mixed + (1.0 - damping) * (alpha.transpose(0, 2, 1) @ iterates)
+        usable = jnp.isfinite(alpha).all(axis=(1, 2))
+        plain = damping * fz + (1.0 - damping) * z
+        proposal = jnp.where(usable.reshape((-1,) + (1,) * (z.ndim - 1)), mixed.reshape(z.shape), plain)
+        return proposal, (iterates, images, count + 1)
+
+    return solve_batched(
+        "anderson",
+        f,
+        z0,
+        update,
+        evaluations_per_update=0,
+        tol=tol,
+        max_iter=max_iter,
+        strict=strict,
+        unroll=unroll,
+        init_state=init_state,
+    )

@@ -1,0 +1,95 @@
+"""Anderson acceleration: extrapolate from the last ``m`` iterates instead of taking the newest image alone."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_iteration_limit, check_tolerance
+from ._loop import Map, solve_batched
+from .result import SolverResult
+
+
+def anderson(
+    f: Map,
+    z0: torch.Tensor,
+    *,
+    m: int = 5,
+    ridge: float = 1e-4,
+    damping: float = 1.0,
+    tol: float = 1e-5,
+    max_iter: int = 100,
+    strict: bool = False,
+) -> tuple[torch.Tensor, SolverResult]:
+    """Find a fixed point ``z = f(z)`` of a batched map with Anderson acceleration.
+
+    With the last ``n <= m`` iterates ``x_i`` and images ``f_i = f(x_i)``, residuals ``g_i = f_i - x_i``, the
+    weights ``alpha`` minimize ``||sum_i alpha_i g_i||^2 + lambda ||alpha||^2`` subject to ``sum_i alpha_i = 1``,
+    and the next iterate is ``damping * sum_i alpha_i f_i + (1 - damping) * sum_i alpha_i x_i``.
+
+    The ridge ``lambda`` is ``ridge`` times the mean squared residual in the history, so it shrinks with the
+    residuals: a fixed ridge comes to dominate the tiny Gram matrix near convergence and turns the method into
+    slow plain iteration. A sample whose small system is singular or gives non-finite weights falls back to
+    the damped plain step for that iteration.
+
+    Parameters
+    ----------
+    f : callable
+        Maps a batch of states of shape (B, ...) to a batch of the same shape, dtype and device, acting on each
+        sample independently.
+    z0 : torch.Tensor
+        Initial guess, shape (B, ...), floating point, finite.
+    m : int
+        History size.
+    ridge : float
+        Relative Tikhonov regularization of the least-squares problem for the weights.
+    damping : float
+        Mixing parameter ``beta`` in (0, 1]; 1 takes the extrapolated images only.
+    tol : float
+        Absolute tolerance on each sample's residual ``||f(z) - z||_2``.
+    max_iter : int
+        Most steps per sample.
+    strict : bool
+        Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
+
+    Returns
+    -------
+    z : torch.Tensor
+        The last iterate, shape of ``z0``.
+    result : SolverResult
+        Iterations, residual trace and convergence flags per sample.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When some sample does not reach ``tol``; the message gives the largest residual reached.
+    """
+    check_iteration_limit("m", m)
+    check_tolerance("ridge", ridge)
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
+        raise ValueError(f"damping must lie in (0, 1], got {damping!r}")
+
+    def update(f: Map, z: torch.Tensor, fz: torch.Tensor, state):
+        batch = z.shape[0]
+        if state is None:
+            history = torch.zeros(batch, m, z[0].numel(), dtype=z.dtype, device=z.device)
+            state = (history, history, 0)
+        iterates, images, count = state
+        slot = torch.tensor([count % m], device=z.device)
+        iterates = iterates.index_copy(1, slot, z.reshape(batch, 1, -1))
+        images = images.index_copy(1, slot, fz.reshape(batch, 1, -1))
+        n = min(count + 1, m)
+        residuals = images[:, :n] - iterates[:, :n]
+        gram = residuals @ residuals.transpose(1, 2)
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
+        regularized = gram + (ridge * scale).view(-1, 1, 1) * torch.eye(n, dtype=z.dtype, device=z.device)
+        weights, info = torch.linalg.solve_ex(regularized, torch.ones(batch, n, 1, dtype=z.dtype, device=z.device))
+        alpha = weights / weights.sum(dim=1, keepdim=True)
+        mixed = damping * (alpha.transpose(1, 2) @ images[:, :n])
+        if damping < 1.0:
+            mixed = mixed + (1.0 - damping) * (alpha.transpose(1, 2) @ iterates[:, :n])
+        usable = (info == 0) & torch.isfinite(alpha).all(dim=1).squeeze(-1)
+        plain = damping * fz + (1.0 - damping) * z
+        proposal = torch.where(usable.view(-1, *([1] * (z.ndim - 1))), mixed.reshape(z.shape), plain)
+        return proposal, (iterates, images, count + 1)
+
+    return solve_batched("anderson", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, state=None)

@@ -1,0 +1,91 @@
+"""Broyden's method: Newton's step with a low-rank secant estimate of the inverse Jacobian."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_iteration_limit
+from ._loop import Map, solve_batched
+from .result import SolverResult
+
+
+def broyden(
+    f: Map, z0: torch.Tensor, *, m: int = 30, tol: float = 1e-5, max_iter: int = 100, strict: bool = False
+) -> tuple[torch.Tensor, SolverResult]:
+    """Find a fixed point ``z = f(z)`` of a batched map with limited-memory ("good") Broyden.
+
+    Newton's method on ``g(z) = f(z) - z`` needs ``J_g^{-1}``; Broyden starts from ``H = -I`` (exact when
+    ``f`` is constant) and after each step applies the rank-one secant update that makes
+    ``H (g_new - g_old) = z_new - z_old``. ``H = -I + sum_i u_i v_i^T`` is stored as at most ``m`` pairs of
+    vectors per sample, so memory is ``O(m d)`` rather than ``O(d^2)``; when the memory is full the estimate
+    restarts from ``-I`` (each pair was built on top of the older ones, so dropping only the oldest would break
+    the secant conditions). No Jacobian is ever formed and each step costs one evaluation of ``f``.
+
+    Parameters
+    ----------
+    f : callable
+        Maps a batch of states of shape (B, ...) to a batch of the same shape, dtype and device, acting on each
+        sample independently.
+    z0 : torch.Tensor
+        Initial guess, shape (B, ...), floating point, finite.
+    m : int
+        Number of rank-one updates kept.
+    tol : float
+        Absolute tolerance on each sample's residual ``||f(z) - z||_2``.
+    max_iter : int
+        Most steps per sample.
+    strict : bool
+        Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
+
+    Returns
+    -------
+    z : torch.Tensor
+        The last iterate, shape of ``z0``.
+    result : SolverResult
+        Iterations, residual trace and convergence flags per sample.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When some sample does not reach ``tol``; the message gives the largest residual reached.
+    """
+    check_iteration_limit("m", m)
+
+    def update(f: Map, z: torch.Tensor, fz: torch.Tensor, state):
+        batch, dim = z.shape[0], z[0].numel()
+        if state is None:
+            zeros = torch.zeros(batch, m, dim, dtype=z.dtype, device=z.device)
+            state = (None, None, zeros, zeros, 0)
+        previous_z, previous_g, us, vs, count = state
+        zf, g = z.reshape(batch, dim), (fz - z).reshape(batch, dim)
+        if previous_z is not None:
+            slot = (count - 1) % m
+            if slot == 0:
+                us, vs = torch.zeros_like(us), torch.zeros_like(vs)
+            dz, dg = zf - previous_z, g - previous_g
+            h_dg = _apply(us, vs, dg)
+            denominator = (dz * h_dg).sum(dim=1, keepdim=True)
+            # A sample that did not move (it has stopped) or whose secant is degenerate keeps its H.
+            fine = denominator.abs() > torch.finfo(z.dtype).eps * dz.norm(dim=1, keepdim=True) * h_dg.norm(
+                dim=1, keepdim=True
+            )
+            safe = torch.where(fine, denominator, torch.ones_like(denominator))
+            u = torch.where(fine, (dz - h_dg) / safe, torch.zeros_like(dz))
+            v = _apply_transposed(us, vs, dz)
+            index = torch.tensor([slot], device=z.device)
+            us = us.index_copy(1, index, u.unsqueeze(1))
+            vs = vs.index_copy(1, index, v.unsqueeze(1))
+        step = -_apply(us, vs, g)
+        return (zf + step).reshape(z.shape), (zf, g, us, vs, count + 1)
+
+    return solve_batched("broyden", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, state=None)
+
+
+def _apply(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``H x`` for ``H = -I + sum_i u_i v_i^T``, batched."""
+    return -x + torch.einsum("bmd,bm->bd", us, torch.einsum("bmd,bd->bm", vs, x))
+
+
+def _apply_transposed(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``H^T x``, batched."""
+    return -x + torch.einsum("bmd,bm->bd", vs, torch.einsum("bmd,bd->bm", us, x))
