@@ -1,0 +1,60 @@
+"""Keep MyST-NB's execution cache honest about what it cannot see.
+
+jupyter-cache reuses a page's outputs as long as the page's code is unchanged. Two things that
+change the outputs are invisible to it:
+
+- quick mode (``BOOK_QUICK=1``) shrinks every experiment, so quick and full executions live in
+  separate caches (``_build/.jupyter_cache_quick`` and ``_build/.jupyter_cache``);
+- the ``implicit_layers`` package and ``requirements.txt``: a cache is dropped when their
+  contents differ from those it was filled with, so the site never shows outputs of old code.
+  CI keys its saved cache on the same files, and ``make clean`` drops every cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import implicit_layers
+from implicit_layers.config import quick_mode
+from sphinx.application import Sphinx
+from sphinx.config import Config
+from sphinx.util import logging
+
+LOGGER = logging.getLogger(__name__)
+
+
+def package_fingerprint(root: Path) -> str:
+    """Hash of the package's Python sources and of ``root/requirements.txt``."""
+    package = Path(implicit_layers.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    requirements = root / "requirements.txt"
+    if requirements.is_file():
+        digest.update(requirements.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def select_cache(app: Sphinx, config: Config) -> None:
+    name = ".jupyter_cache_quick" if quick_mode() else ".jupyter_cache"
+    cache = Path(app.outdir).parent / name
+    config.nb_execution_cache_path = str(cache)
+    if config.nb_execution_mode != "cache":
+        return
+    marker = cache / f"package-{package_fingerprint(Path(app.srcdir))}"
+    if marker.exists():
+        return
+    if cache.exists():
+        LOGGER.info("implicit_layers or requirements.txt changed: dropping %s", cache)
+        shutil.rmtree(cache)
+    cache.mkdir(parents=True)
+    marker.touch()
+
+
+def setup(app: Sphinx) -> dict[str, Any]:
+    # MyST-NB reads the cache path when the builder starts, after config-inited.
+    app.connect("config-inited", select_cache)
+    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,244 @@
+"""The book around the package: chapters execute, the builds work, every Colab button opens a
+notebook the build produced, and CI runs what it claims to run.
+
+Chapters are found from ``_toc.yml`` (every page whose MyST source declares a kernel), so a new
+chapter is tested as soon as it is listed there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+import yaml
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[2]
+PLACEHOLDER = "@REPOSITORY_URL@"
+COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/[^\"'<>\s]+")
+CELL_TIMEOUT_S = 900
+
+
+def toc_docnames(node=None) -> list[str]:
+    """Every page of ``_toc.yml`` in order, as docnames (paths without suffix)."""
+    if node is None:
+        node = yaml.safe_load((REPO / "_toc.yml").read_text())
+    names = []
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if key in node:
+                names.append(str(Path(node[key]).with_suffix("")))
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                names += toc_docnames(value)
+    elif isinstance(node, list):
+        for item in node:
+            names += toc_docnames(item)
+    return names
+
+
+def is_notebook_page(docname: str) -> bool:
+    path = REPO / f"{docname}.md"
+    return path.exists() and "kernelspec" in jupytext.read(path).metadata
+
+
+CHAPTERS = [name for name in toc_docnames() if is_notebook_page(name)]
+
+
+def book_config() -> dict:
+    return yaml.safe_load((REPO / "_config.yml").read_text())
+
+
+def repository_url() -> str:
+    return book_config()["repository"]["url"].rstrip("/")
+
+
+def first_code_cell(nb):
+    return next(cell for cell in nb.cells if cell.cell_type == "code")
+
+
+def test_toc_lists_chapters():
+    assert CHAPTERS, "no page of _toc.yml is a MyST notebook"
+
+
+@pytest.mark.parametrize("docname", CHAPTERS)
+def test_chapter_starts_with_hidden_colab_setup_cell(docname):
+    cell = first_code_cell(jupytext.read(REPO / f"{docname}.md"))
+    assert "hide-cell" in cell.metadata.get("tags", []), "the setup cell must be tagged hide-cell"
+    assert "google.colab" in cell.source
+    assert f"git+{PLACEHOLDER}@" in cell.source, f"install the package from git+{PLACEHOLDER}@<branch>"
+
+
+@pytest.mark.parametrize("docname", CHAPTERS)
+def test_chapter_executes_in_quick_mode(docname, monkeypatch):
+    path = REPO / f"{docname}.md"
+    # The kernel inherits this process's environment: small sizes, offline data.
+    monkeypatch.setenv("BOOK_QUICK", "1")
+    monkeypatch.delenv("BOOK_MNIST", raising=False)
+    nb = jupytext.read(path)
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, on the first error
+
+
+def test_preface_example_runs():
+    text = (REPO / "book" / "intro.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    assert blocks, "the preface shows the package in a ```python block"
+    for code in blocks:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """``make book`` into a temporary folder, with execution off (the chapters' execution is
+    tested above). Returns the ``_build`` folder holding ``html`` and ``jupyter``."""
+    out = tmp_path_factory.mktemp("book")
+    config = book_config()
+    config["execute"]["execute_notebooks"] = "off"
+    sphinx = config["sphinx"]
+    # Relative extension paths are resolved next to the configuration file, now in `out`.
+    sphinx["local_extensions"] = {
+        name: str((REPO / path).resolve()) for name, path in sphinx["local_extensions"].items()
+    }
+    # Without execution there is nothing to glue; the real build checks glued values.
+    suppressed = sphinx["config"].setdefault("suppress_warnings", [])
+    suppressed += ["mystnb.glue", "mystnb.glue_ref"]
+    config_path = out / "_config.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        ["make", "book", f"OUTPUT={out}", f"JB_CONFIG={config_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "BOOK_QUICK": "1"},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return out / "_build"
+
+
+def test_every_page_has_a_valid_notebook(built):
+    for docname in toc_docnames():
+        nbformat.validate(nbformat.read(built / "jupyter" / f"{docname}.ipynb", as_version=4))
+
+
+@pytest.mark.parametrize("docname", CHAPTERS)
+def test_generated_notebook_starts_with_colab_setup(built, docname):
+    nb = nbformat.read(built / "jupyter" / f"{docname}.ipynb", as_version=4)
+    source = first_code_cell(nb).source
+    assert "google.colab" in source
+    assert re.search(rf"pip install .*git\+{re.escape(repository_url())}@", source), source
+    assert PLACEHOLDER not in source
+
+
+def test_colab_buttons_open_generated_notebooks(built):
+    html = built / "html"
+    owner_repo = repository_url().removeprefix("https://github.com/")
+    prefix = f"https://colab.research.google.com/github/{owner_repo}/blob/notebooks/"
+    pages_with_button = set()
+    for page in html.rglob("*.html"):
+        for link in set(COLAB_LINK.findall(page.read_text(encoding="utf-8"))):
+            assert link.startswith(prefix), f"{page.relative_to(html)}: {link}"
+            target = link.removeprefix(prefix)
+            assert (built / "jupyter" / target).is_file(), f"{link} names no generated notebook"
+            pages_with_button.add(page.relative_to(html).with_suffix("").as_posix())
+    assert pages_with_button >= set(CHAPTERS), f"no Colab button on {set(CHAPTERS) - pages_with_button}"
+
+
+def test_site_names_the_repository_not_the_placeholder(built):
+    for page in (built / "html").rglob("*"):
+        if page.suffix in {".html", ".md", ".ipynb", ".txt"}:
+            assert PLACEHOLDER not in page.read_text(encoding="utf-8"), page
+
+
+def load_workflow(name: str) -> dict:
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / name).read_text())
+    # YAML 1.1 reads the bare key `on` as the boolean True.
+    workflow["on"] = workflow.pop(True, workflow.get("on"))
+    return workflow
+
+
+def steps(job: dict) -> list[dict]:
+    return job.get("steps", [])
+
+
+def runs(job: dict) -> str:
+    return "\n".join(step.get("run", "") for step in steps(job))
+
+
+def uses(job: dict) -> list[str]:
+    return [step.get("uses", "") for step in steps(job)]
+
+
+def job_running(workflow: dict, command: str) -> dict:
+    matches = [job for job in workflow["jobs"].values() if command in runs(job)]
+    assert matches, f"no job runs {command!r}"
+    return matches[0]
+
+
+def job_using(workflow: dict, action: str) -> dict:
+    matches = [job for job in workflow["jobs"].values() if any(u.startswith(action) for u in uses(job))]
+    assert matches, f"no job uses {action}"
+    return matches[0]
+
+
+def write_permissions(job: dict) -> set[str]:
+    return {scope for scope, level in job["permissions"].items() if level == "write"}
+
+
+@pytest.mark.parametrize("name", ["pr.yml", "main.yml"])
+def test_workflow_permissions_are_set_per_job(name):
+    workflow = load_workflow(name)
+    assert workflow["permissions"] == {"contents": "read"}
+    for job_name, job in workflow["jobs"].items():
+        assert "permissions" in job, f"{name}: job {job_name} sets no permissions"
+
+
+def test_pull_requests_run_make_test():
+    workflow = load_workflow("pr.yml")
+    assert "pull_request" in workflow["on"]
+    job = job_running(workflow, ".ci/run")
+    assert write_permissions(job) == set()
+
+
+def test_main_builds_deploys_and_publishes_notebooks():
+    workflow = load_workflow("main.yml")
+    assert "main" in workflow["on"]["push"]["branches"]
+
+    book = job_running(workflow, "make book")
+    assert write_permissions(book) == set()
+    assert any(u.startswith("actions/upload-pages-artifact") for u in uses(book))
+    cache = [s for s in steps(book) if s.get("uses", "").startswith("actions/cache")]
+    assert cache, "the execution cache is not restored"
+    restore = cache[0]["with"]
+    assert restore["path"] == "_build/.jupyter_cache"
+    assert re.search(r"hashFiles\([^)]*'code/\*\*'[^)]*'book/\*\*'[^)]*\)", restore["key"]), restore["key"]
+
+    deploy = job_using(workflow, "actions/deploy-pages")
+    assert write_permissions(deploy) == {"pages", "id-token"}
+
+    notebooks = job_running(workflow, "git push")
+    assert "notebooks" in runs(notebooks)
+    assert write_permissions(notebooks) == {"contents"}
+
+
+def test_ci_entry_point_runs_make_test():
+    script = REPO / ".ci" / "run"
+    assert os.access(script, os.X_OK)
+    lines = [line.strip() for line in script.read_text().splitlines()]
+    assert "set -euo pipefail" in lines
+    assert "make test" in lines
