@@ -76,3 +76,21 @@ def test_mnist_rejects_corrupt_files(tiny_mnist):
 def test_quick_mode_reads_the_environment(monkeypatch, value, expected):
     monkeypatch.setenv("BOOK_QUICK", value)
     assert quick_mode() is expected
+
+
+def test_glue_works_without_myst_nb(monkeypatch, capsys):
+    import builtins
+
+    from implicit_layers.notebook import glue
+
+    real_import = builtins.__import__
+
+    def no_myst_nb(name, *args, **kwargs):
+        if name == "myst_nb":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_myst_nb)
+    glue("answer", 42)
+    glue("hidden", 7, display=False)
+    assert capsys.readouterr().out.split() == ["42"]
