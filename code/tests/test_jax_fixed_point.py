@@ -196,3 +196,32 @@ def test_torch_and_jax_mirror_each_other():
     assert set(ilt.SOLVERS) == set(ilj.SOLVERS)
     torch_only = set(ilt.__all__) - set(ilj.__all__)
     assert torch_only == {"FixedPointLayer", "autograd_graph_bytes", "default_device", "seed_everything"}
+
+
+def test_derivative_defaults_and_failed_samples():
+    # Near 0 the Jacobian is close to W, spectral radius 1.5: plain iteration of the linear systems diverges,
+    # the default linear solver (Newton, like the forward one) still gives the gradient.
+    generator = np.random.default_rng(5)
+    A = generator.standard_normal((12, 12))
+    W = jnp.asarray(1.5 * (A + A.T) / np.linalg.norm(A + A.T, 2))
+    x = jnp.asarray(0.01 * generator.standard_normal((4, 12)))
+    gradient = jax.grad(lambda x: fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), tol=1e-12)[0].sum())(x)
+    W_t, x_t = torch.tensor(np.asarray(W)), torch.tensor(np.asarray(x), requires_grad=True)
+    z_t, _ = ilt.fixed_point(lambda z: torch.tanh(z @ W_t.T + x_t), torch.zeros_like(x_t), tol=1e-12)
+    (expected,) = torch.autograd.grad(z_t.sum(), x_t)
+    np.testing.assert_allclose(np.asarray(gradient), expected.numpy(), rtol=1e-7, atol=1e-10)
+    with pytest.warns(ConvergenceWarning):
+        jax.grad(lambda x: fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), backward_solver="forward_iteration")[0].sum())(x)
+
+    broken = jnp.array([True, False, False])[:, None]
+
+    def f(z, theta):
+        W, x = theta
+        return jnp.where(broken, z + 1.0 + 0.0 * x, jnp.tanh(z @ W.T + x))
+
+    W3, x3 = jax_problem(batch=3, n=4)
+    with pytest.warns(ConvergenceWarning, match="singular"):
+        gradient = jax.grad(lambda x: fixed_point(f, jnp.zeros(x.shape), (W3, x), tol=1e-12)[0].sum())(x3)
+    assert bool((gradient[0] == 0).all())
+    healthy = jax.grad(lambda x: fixed_point(tanh_cell, jnp.zeros(x.shape), (W3, x), tol=1e-12)[0].sum())(x3[1:])
+    np.testing.assert_allclose(np.asarray(gradient[1:]), np.asarray(healthy), atol=1e-12)

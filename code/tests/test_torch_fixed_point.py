@@ -165,7 +165,12 @@ def test_strict_backward_raises_when_the_adjoint_solve_stalls(problem):
     W, x = problem
     W = (W * 1.8).requires_grad_()
     z, _ = fixed_point(
-        lambda z: torch.tanh(z @ W.T + x), torch.zeros_like(x), tol=1e-10, backward_max_iter=1, strict=True
+        lambda z: torch.tanh(z @ W.T + x),
+        torch.zeros_like(x),
+        tol=1e-10,
+        backward_solver="forward_iteration",
+        backward_max_iter=1,
+        strict=True,
     )
     with pytest.raises(ConvergenceError, match="did not converge"):
         z.sum().backward()
@@ -184,3 +189,58 @@ def test_seed_everything_reproduces_draws():
     first = torch.randn(3)
     seed_everything(7)
     torch.testing.assert_close(torch.randn(3), first)
+
+
+def symmetric_tanh(scale, n=12, batch=4, dtype=torch.float64, input_scale=1.0):
+    generator = torch.Generator().manual_seed(5)
+    A = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    W = (scale * (A + A.T) / torch.linalg.matrix_norm(A + A.T, ord=2)).to(dtype)
+    return W, input_scale * torch.randn(batch, n, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def test_default_backward_solver_follows_the_forward_solver():
+    # A small input keeps the solution near 0, where J is close to W with spectral radius 1.5: Newton finds
+    # the fixed point, and the adjoint system g = J^T g + u has no convergent plain iteration.
+    W, x = symmetric_tanh(1.5, input_scale=0.01)
+    x.requires_grad_()
+    f = lambda z: torch.tanh(z @ W.T + x)  # noqa: E731
+    z, result = fixed_point(f, torch.zeros_like(x), tol=1e-12)
+    assert result.status == "converged"
+    (grad_x,) = torch.autograd.grad(z.sum(), x)
+    z_star = z.detach()
+    D = torch.diag_embed(1 - z_star**2)
+    eye = torch.eye(W.shape[0], dtype=W.dtype)
+    expected = (D @ torch.linalg.solve((eye - D @ W).transpose(1, 2), torch.ones_like(x).unsqueeze(-1))).squeeze(-1)
+    torch.testing.assert_close(grad_x, expected)
+    z, _ = fixed_point(f, torch.zeros_like(x), tol=1e-12, backward_solver="forward_iteration")
+    with pytest.warns(ConvergenceWarning):
+        torch.autograd.grad(z.sum(), x)
+
+
+@pytest.mark.parametrize("gradient_scale", [1e-6, 1.0, 1e6])
+def test_backward_tolerance_is_relative_to_the_gradient(gradient_scale):
+    W, x = symmetric_tanh(0.9, dtype=torch.float32)
+    W.requires_grad_()
+    z, _ = fixed_point(lambda z: torch.tanh(z @ W.T + x), torch.zeros_like(x), backward_solver="anderson")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # float32 reaches the default relative tolerance
+        (grad_W,) = torch.autograd.grad(gradient_scale * z.sum(), W)
+    assert bool(torch.isfinite(grad_W).all())
+
+
+def test_failed_samples_pass_on_zero_gradient():
+    W, x = tanh_problem(batch=3, n=4)
+    x.requires_grad_()
+    broken = torch.tensor([True, False, False]).view(-1, 1)
+    # Sample 0 asks for z = z + 1: no fixed point, a singular Newton system.
+    f = lambda z: torch.where(broken, z + 1.0 + 0.0 * x, torch.tanh(z @ W.T + x))  # noqa: E731
+    with pytest.warns(ConvergenceWarning, match="singular"):
+        z, result = fixed_point(f, torch.zeros_like(x), tol=1e-12)
+    assert result.failed.tolist() == [True, False, False]
+    with pytest.warns(ConvergenceWarning, match="1 of 3 samples"):  # its adjoint system is singular too
+        (grad_x,) = torch.autograd.grad(z.sum(), x)
+    assert bool((grad_x[0] == 0).all())
+    x_healthy = x[1:].detach().requires_grad_()
+    z_healthy, _ = fixed_point(lambda z: torch.tanh(z @ W.T + x_healthy), torch.zeros_like(x_healthy), tol=1e-12)
+    (expected,) = torch.autograd.grad(z_healthy.sum(), x_healthy)
+    torch.testing.assert_close(grad_x[1:], expected)

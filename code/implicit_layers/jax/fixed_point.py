@@ -6,6 +6,7 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 
 from .._checks import check_choice
 from .anderson import anderson
@@ -27,10 +28,10 @@ def fixed_point(
     *,
     solver: str = "newton",
     backward: str = "implicit",
-    backward_solver: str = "forward_iteration",
+    backward_solver: Optional[str] = None,
     tol: float = 1e-5,
     max_iter: Optional[int] = None,
-    backward_tol: float = 1e-8,
+    backward_tol: Optional[float] = None,
     backward_max_iter: int = 200,
     strict: bool = False,
     solver_options: Optional[dict[str, Any]] = None,
@@ -61,12 +62,15 @@ def fixed_point(
         Forward solver.
     backward : {"implicit", "unrolled"}
         How derivatives are computed.
-    backward_solver : {"forward_iteration", "newton", "anderson", "broyden"}
-        Solver for the linear fixed points of the derivative rules.
+    backward_solver : {"forward_iteration", "newton", "anderson", "broyden"}, optional
+        Solver for the linear fixed points of the derivative rules; by default the forward solver.
     tol, max_iter : float, int or None
         Forward tolerance and iteration limit (``None``: the solver's default).
-    backward_tol, backward_max_iter : float, int
-        Tolerance and iteration limit of the derivative's linear solves.
+    backward_tol : float, optional
+        Tolerance of the derivative's linear solves relative to each sample's right-hand side; by default the
+        square root of the dtype's machine epsilon.
+    backward_max_iter : int
+        Iteration limit of the derivative's linear solves.
     strict : bool
         Raise instead of warning when a solve does not converge.
     solver_options, backward_solver_options : dict, optional
@@ -78,7 +82,14 @@ def fixed_point(
         The fixed point.
     result : SolverResult
         The forward solver's record.
+
+    Notes
+    -----
+    A sample whose forward solve or linear solve failed (a NaN/Inf step or a singular system, reported by a
+    :class:`~implicit_layers.errors.ConvergenceWarning`) gets a zero derivative: the implicit function theorem
+    says nothing at a point that is not a fixed point.
     """
+    backward_solver = backward_solver or solver
     check_choice("solver", solver, SOLVERS)
     check_choice("backward", backward, BACKWARD_MODES)
     check_choice("backward_solver", backward_solver, SOLVERS)
@@ -95,22 +106,22 @@ def fixed_point(
         _solve_linear_fixed_point,
         SOLVERS[backward_solver],
         options=backward_solver_options or {},
-        tol=backward_tol,
+        tol=backward_tol if backward_tol is not None else float(jnp.finfo(z_star.dtype).eps) ** 0.5,
         max_iter=backward_max_iter,
         strict=strict,
     )
-    return _implicit_solution(f, linear_solve, z_star, theta), result
+    return _implicit_solution(f, linear_solve, z_star, result.failed, theta), result
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _implicit_solution(f, linear_solve, z_star, theta):
+def _implicit_solution(f, linear_solve, z_star, failed, theta):
     return z_star
 
 
 @_implicit_solution.defjvp
 def _implicit_solution_jvp(f, linear_solve, primals, tangents):
-    z_star, theta = primals
-    _, theta_dot = tangents  # the solution does not depend on where the solver started
+    z_star, failed, theta = primals
+    theta_dot = tangents[2]  # the solution does not depend on where the solver started
     _, rhs = jax.jvp(lambda th: f(z_star, th), (theta,), (theta_dot,))
 
     def one_minus_jacobian(t):
@@ -119,11 +130,22 @@ def _implicit_solution_jvp(f, linear_solve, primals, tangents):
     z_dot = jax.lax.custom_linear_solve(
         one_minus_jacobian, rhs, solve=linear_solve, transpose_solve=linear_solve
     )
-    return z_star, z_dot
+    return z_star, jnp.where(_per_sample(failed, z_dot), 0.0, z_dot)
 
 
 def _solve_linear_fixed_point(solver, one_minus_a, b, *, options, tol, max_iter, strict):
     """Solve ``(I - A) x = b`` as the fixed point ``x = A x + b``, given ``x -> (I - A) x``; the same function
-    serves the transposed system, for which JAX passes ``x -> (I - A)^T x``."""
-    x, _ = solver(lambda x: x - one_minus_a(x) + b, b, **options, tol=tol, max_iter=max_iter, strict=strict)
-    return x
+    serves the transposed system, for which JAX passes ``x -> (I - A)^T x``.
+
+    The system is solved for ``b / ||b||`` per sample, which makes ``tol`` relative to each right-hand side;
+    samples whose solve failed get zero.
+    """
+    norms = jnp.linalg.norm(b.reshape(b.shape[0], -1), axis=1)
+    scale = _per_sample(jnp.where(norms > 0, norms, 1.0), b)
+    rhs = b / scale
+    x, result = solver(lambda x: x - one_minus_a(x) + rhs, rhs, **options, tol=tol, max_iter=max_iter, strict=strict)
+    return jnp.where(_per_sample(result.failed, x), 0.0, x * scale)
+
+
+def _per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
+    return values.reshape((-1,) + (1,) * (like.ndim - 1))

@@ -17,8 +17,12 @@ Update = Callable[[Map, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, An
 
 
 def residual_norm(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Per-sample Euclidean norm of ``f(z) - z`` over all but the batch dimension."""
-    return (fz - z).flatten(1).norm(dim=1)
+    """Per-sample Euclidean norm of ``f(z) - z`` over all but the batch dimension.
+
+    Computed on detached tensors: residuals only steer the loop, and recording them would make unrolled
+    differentiation keep two extra batches of states per step.
+    """
+    return (fz.detach() - z.detach()).flatten(1).norm(dim=1)
 
 
 def solve_batched(
@@ -54,7 +58,7 @@ def solve_batched(
     fz = counted(z)
     check_map_output(fz, z0)
     residual = residual_norm(fz, z)
-    trace = [residual.detach()]
+    trace = [residual]
     iterations = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
     failed = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
     active = residual >= tol
@@ -72,17 +76,17 @@ def solve_batched(
             z = torch.where(_per_sample(stepping, z), proposal, z)
             fz = counted(z)
             new_residual = residual_norm(fz, z)
-            failed = failed | (stepping & ~torch.isfinite(new_residual.detach()))
+            failed = failed | (stepping & ~torch.isfinite(new_residual))
             stepping = stepping & ~failed
             residual = torch.where(stepping, new_residual, residual)
             iterations = iterations + stepping
-            trace.append(residual.detach())
+            trace.append(residual)
             active = stepping & (residual >= tol)
 
     result = SolverResult(
         iterations=iterations,
         residuals=torch.stack(trace),
-        converged=residual.detach() < tol,
+        converged=residual < tol,
         failed=failed,
         nfe=nfe,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -31,11 +33,13 @@ def seed_everything(seed: int) -> None:
 
 
 def autograd_graph_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``fn()`` and measure the bytes of the tensors autograd saves for its backward pass.
+    """Run ``fn()`` and measure the bytes of the tensors its autograd graph holds for the backward pass.
 
-    This is the memory a backward pass keeps alive, counted once per storage whichever device it lives on, so
-    it compares gradient methods on a CPU as well as on a GPU. It includes tensors that exist anyway, such as
-    weights saved by a matrix product.
+    Every tensor autograd saves while ``fn`` runs is tracked; those still alive when ``fn`` returns (parts of
+    the graph that nothing refers to any more are freed) are counted, once per storage, whichever device they
+    live on. This is the memory a backward pass of ``fn``'s output keeps alive, so it compares gradient
+    methods on a CPU as well as on a GPU. It includes tensors that exist anyway, such as weights saved by a
+    matrix product.
 
     Parameters
     ----------
@@ -47,15 +51,21 @@ def autograd_graph_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
     output : Any
         What ``fn`` returned.
     nbytes : int
-        Bytes of distinct storages saved for backward while ``fn`` ran.
+        Bytes of the distinct storages saved for backward while ``fn`` ran and still held when it returned.
     """
-    storages: dict[tuple[torch.device, int], int] = {}
+    saved: list[weakref.ref] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+        saved.append(weakref.ref(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = fn()
+    gc.collect()
+    storages = {}
+    for reference in saved:
+        tensor = reference()
+        if tensor is not None:
+            storage = tensor.untyped_storage()
+            storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
     return output, sum(storages.values())
