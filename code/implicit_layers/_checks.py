@@ -20,3 +20,9 @@ def check_tolerance(name: str, value: Any) -> None:
 def check_iteration_limit(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")

@@ -70,7 +70,7 @@ def solve_batched(
         finite = jnp.isfinite(proposal).reshape(batch, -1).all(axis=1)
         failed = state["failed"] | (active & ~finite)
         stepping = active & finite
-        z = jnp.where(_per_sample(stepping, proposal), proposal, state["z"])
+        z = jnp.where(per_sample(stepping, proposal), proposal, state["z"])
         fz = f(z)
         new_residual = residual_norm(fz, z)
         failed = failed | (stepping & ~jnp.isfinite(new_residual))
@@ -108,8 +108,9 @@ def solve_batched(
     return state["z"], result
 
 
-def _per_sample(mask: jax.Array, like: jax.Array) -> jax.Array:
-    return mask.reshape((-1,) + (1,) * (like.ndim - 1))
+def per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
+    """Reshape per-sample ``values`` of shape (B,) so they broadcast against ``like`` of shape (B, ...)."""
+    return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def _report(name: str, result: SolverResult, *, tol: float, max_iter: int, strict: bool) -> None:

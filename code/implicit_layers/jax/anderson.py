@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_iteration_limit, check_tolerance
-from ._loop import Map, solve_batched
+from .._checks import check_iteration_limit, check_tolerance, check_unit_interval
+from ._loop import Map, per_sample, solve_batched
 from .result import SolverResult
 
 
@@ -54,8 +54,7 @@ def anderson(
     """
     check_iteration_limit("m", m)
     check_tolerance("ridge", ridge)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must lie in (0, 1], got {damping!r}")
+    check_unit_interval("damping", damping)
 
     def init_state(z0):
         history = jnp.zeros((z0.shape[0], m, z0[0].size), z0.dtype)
@@ -81,7 +80,7 @@ def anderson(
             mixed = mixed + (1.0 - damping) * (alpha.transpose(0, 2, 1) @ iterates)
         usable = jnp.isfinite(alpha).all(axis=(1, 2))
         plain = damping * fz + (1.0 - damping) * z
-        proposal = jnp.where(usable.reshape((-1,) + (1,) * (z.ndim - 1)), mixed.reshape(z.shape), plain)
+        proposal = jnp.where(per_sample(usable, z), mixed.reshape(z.shape), plain)
         return proposal, (iterates, images, count + 1)
 
     return solve_batched(

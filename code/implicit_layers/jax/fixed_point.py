@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_choice
+from ._loop import per_sample
 from .anderson import anderson
 from .broyden import broyden
 from .forward_iteration import forward_iteration
@@ -130,7 +131,7 @@ def _implicit_solution_jvp(f, linear_solve, primals, tangents):
     z_dot = jax.lax.custom_linear_solve(
         one_minus_jacobian, rhs, solve=linear_solve, transpose_solve=linear_solve
     )
-    return z_star, jnp.where(_per_sample(failed, z_dot), 0.0, z_dot)
+    return z_star, jnp.where(per_sample(failed, z_dot), 0.0, z_dot)
 
 
 def _solve_linear_fixed_point(solver, one_minus_a, b, *, options, tol, max_iter, strict):
@@ -141,11 +142,8 @@ def _solve_linear_fixed_point(solver, one_minus_a, b, *, options, tol, max_iter,
     samples whose solve failed get zero.
     """
     norms = jnp.linalg.norm(b.reshape(b.shape[0], -1), axis=1)
-    scale = _per_sample(jnp.where(norms > 0, norms, 1.0), b)
+    scale = per_sample(jnp.where(norms > 0, norms, 1.0), b)
     rhs = b / scale
     x, result = solver(lambda x: x - one_minus_a(x) + rhs, rhs, **options, tol=tol, max_iter=max_iter, strict=strict)
-    return jnp.where(_per_sample(result.failed, x), 0.0, x * scale)
+    return jnp.where(per_sample(result.failed, x), 0.0, x * scale)
 
-
-def _per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
-    return values.reshape((-1,) + (1,) * (like.ndim - 1))

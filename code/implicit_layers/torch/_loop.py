@@ -73,7 +73,7 @@ def solve_batched(
             finite = torch.isfinite(proposal.detach()).flatten(1).all(dim=1)
             failed = failed | (active & ~finite)
             stepping = active & finite
-            z = torch.where(_per_sample(stepping, z), proposal, z)
+            z = torch.where(per_sample(stepping, z), proposal, z)
             fz = counted(z)
             new_residual = residual_norm(fz, z)
             failed = failed | (stepping & ~torch.isfinite(new_residual))
@@ -94,8 +94,9 @@ def solve_batched(
     return z, result
 
 
-def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.view(-1, *([1] * (like.ndim - 1)))
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View per-sample ``values`` of shape (B,) so they broadcast against ``like`` of shape (B, ...)."""
+    return values.view(-1, *([1] * (like.ndim - 1)))
 
 
 def _report(name: str, result: SolverResult, *, tol: float, max_iter: int, strict: bool) -> None:

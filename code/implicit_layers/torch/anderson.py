@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_iteration_limit, check_tolerance
-from ._loop import Map, solve_batched
+from .._checks import check_iteration_limit, check_tolerance, check_unit_interval
+from ._loop import Map, per_sample, solve_batched
 from .result import SolverResult
 
 
@@ -65,8 +65,7 @@ def anderson(
     """
     check_iteration_limit("m", m)
     check_tolerance("ridge", ridge)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must lie in (0, 1], got {damping!r}")
+    check_unit_interval("damping", damping)
 
     def update(f: Map, z: torch.Tensor, fz: torch.Tensor, state):
         batch = z.shape[0]
@@ -89,7 +88,7 @@ def anderson(
             mixed = mixed + (1.0 - damping) * (alpha.transpose(1, 2) @ iterates[:, :n])
         usable = (info == 0) & torch.isfinite(alpha).all(dim=1).squeeze(-1)
         plain = damping * fz + (1.0 - damping) * z
-        proposal = torch.where(usable.view(-1, *([1] * (z.ndim - 1))), mixed.reshape(z.shape), plain)
+        proposal = torch.where(per_sample(usable, z), mixed.reshape(z.shape), plain)
         return proposal, (iterates, images, count + 1)
 
     return solve_batched("anderson", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, state=None)

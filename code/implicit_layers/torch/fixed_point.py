@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ._loop import Map
+from ._loop import Map, per_sample
 from .._checks import check_choice
 from ._validation import check_batched_state
 from .anderson import anderson
@@ -122,7 +122,7 @@ def fixed_point(
             return None
         # The adjoint system is linear, so solving it for grad / ||grad|| per sample turns the solver's absolute
         # tolerance into one relative to each sample's gradient.
-        scale = _per_sample(grad.flatten(1).norm(dim=1), grad)
+        scale = per_sample(grad.flatten(1).norm(dim=1), grad)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         rhs = grad / scale
 
@@ -143,15 +143,11 @@ def fixed_point(
         )
         if backward_callback is not None:
             backward_callback(adjoint_result)
-        failed = _per_sample(result.failed | adjoint_result.failed, h)
+        failed = per_sample(result.failed | adjoint_result.failed, h)
         return torch.where(failed, torch.zeros_like(h), h.detach() * scale)
 
     z.register_hook(adjoint_gradient)
     return z, result
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.ndim - 1)))
 
 
 class FixedPointLayer(nn.Module):
