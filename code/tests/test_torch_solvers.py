@@ -127,6 +127,24 @@ def test_anderson_damping_and_singular_history_fall_back_safely():
     torch.testing.assert_close(z, target)
 
 
+def test_anderson_restarts_a_sample_whose_system_is_singular():
+    from implicit_layers.torch.anderson import _mixing_weights
+
+    residuals = torch.zeros(2, 3, 4, dtype=torch.float64)
+    residuals[1] = torch.randn(3, 4, dtype=torch.float64)
+    alpha = _mixing_weights(residuals, torch.ones(2, 3, dtype=torch.bool), ridge=1e-4)
+    assert not bool(torch.isfinite(alpha[0]).any())  # all-zero history: singular system
+    torch.testing.assert_close(alpha[1].sum(), torch.tensor(1.0, dtype=torch.float64))
+    # In a batch, a sample that is already at its fixed point (zero residuals, singular systems at every
+    # step) must not disturb the others.
+    W, x = tanh_problem(batch=2, n=4)
+    at_rest = torch.tensor([True, False]).view(-1, 1)
+    z, result = anderson(lambda z: torch.where(at_rest, z, torch.tanh(z @ W.T + x)), torch.zeros_like(x), tol=1e-12)
+    assert result.status == "converged" and bool(torch.isfinite(z).all())
+    z_alone, _ = anderson(lambda z: torch.tanh(z @ W.T + x[1:]), torch.zeros_like(x[1:]), tol=1e-12)
+    torch.testing.assert_close(z[1:], z_alone, atol=1e-14, rtol=0)
+
+
 def test_solver_options_are_checked():
     f = symmetric_problem(0.5)
     z0 = torch.zeros(16, 64, dtype=torch.float64)

@@ -25,9 +25,9 @@ def anderson(
     """Find a fixed point ``z = f(z)`` of a batched map with Anderson acceleration.
 
     The same method as :func:`implicit_layers.torch.anderson`: weights minimizing the regularized combination
-    of the last ``m`` residuals (ridge relative to their mean square), the damped extrapolated step, and the
-    plain damped step for a sample whose small system is singular. Under ``jit`` the history has a fixed size
-    and unused slots are masked out.
+    of the last ``m`` residuals (ridge relative to their mean square), the damped extrapolated step, and for a
+    sample whose small system is singular the plain damped step and a restart of its history. Under ``jit`` the
+    history has a fixed size and unused slots are masked out.
 
     Parameters
     ----------
@@ -58,30 +58,27 @@ def anderson(
 
     def init_state(z0):
         history = jnp.zeros((z0.shape[0], m, z0[0].size), z0.dtype)
-        return history, history, jnp.zeros((), jnp.int32)
+        return history, history, jnp.zeros((z0.shape[0], m), bool), jnp.zeros((), jnp.int32)
 
     def update(f: Map, z: jax.Array, fz: jax.Array, state):
-        iterates, images, count = state
+        iterates, images, valid, count = state
         batch = z.shape[0]
         slot = count % m
         iterates = iterates.at[:, slot].set(z.reshape(batch, -1))
         images = images.at[:, slot].set(fz.reshape(batch, -1))
-        valid = jnp.arange(m) < jnp.minimum(count + 1, m)
-        residuals = jnp.where(valid[None, :, None], images - iterates, 0.0)
-        gram = residuals @ residuals.transpose(0, 2, 1)
-        scale = jnp.trace(gram, axis1=1, axis2=2) / jnp.sum(valid)
-        # Unused slots get an identity block and a zero right-hand side, so their weights are exactly zero.
-        diagonal = jnp.where(valid, ridge * scale[:, None], 1.0)
-        regularized = gram + jax.vmap(jnp.diag)(diagonal)
-        weights = jnp.linalg.solve(regularized, jnp.broadcast_to(valid.astype(z.dtype), (batch, m))[..., None])
-        alpha = weights / weights.sum(axis=1, keepdims=True)
-        mixed = damping * (alpha.transpose(0, 2, 1) @ images)
+        newest = jnp.arange(m) == slot
+        valid = valid | newest
+        alpha = _mixing_weights(images - iterates, valid, ridge)
+        mixed = damping * jnp.einsum("bm,bmd->bd", alpha, images)
         if damping < 1.0:
-            mixed = mixed + (1.0 - damping) * (alpha.transpose(0, 2, 1) @ iterates)
-        usable = jnp.isfinite(alpha).all(axis=(1, 2))
+            mixed = mixed + (1.0 - damping) * jnp.einsum("bm,bmd->bd", alpha, iterates)
+        # Safeguard: a sample whose small system is singular takes the plain damped step and restarts its
+        # history from the newest pair.
+        usable = jnp.isfinite(alpha).all(axis=1)
         plain = damping * fz + (1.0 - damping) * z
         proposal = jnp.where(per_sample(usable, z), mixed.reshape(z.shape), plain)
-        return proposal, (iterates, images, count + 1)
+        valid = jnp.where(usable[:, None], valid, newest[None, :])
+        return proposal, (iterates, images, valid, count + 1)
 
     return solve_batched(
         "anderson",
@@ -95,3 +92,15 @@ def anderson(
         unroll=unroll,
         init_state=init_state,
     )
+
+
+def _mixing_weights(residuals: jax.Array, valid: jax.Array, ridge: float) -> jax.Array:
+    """Anderson weights per sample, shape (B, m); the twin of the torch helper (invalid slots weigh 0, a
+    singular system gives non-finite weights)."""
+    mask = valid.astype(residuals.dtype)
+    residuals = residuals * mask[..., None]
+    gram = residuals @ residuals.transpose(0, 2, 1)
+    scale = jnp.trace(gram, axis1=1, axis2=2) / mask.sum(axis=1)
+    diagonal = jnp.where(valid, ridge * scale[:, None], 1.0)
+    weights = jnp.linalg.solve(gram + jax.vmap(jnp.diag)(diagonal), mask[..., None])[..., 0]
+    return weights / weights.sum(axis=1, keepdims=True)

@@ -71,24 +71,45 @@ def anderson(
         batch = z.shape[0]
         if state is None:
             history = torch.zeros(batch, m, z[0].numel(), dtype=z.dtype, device=z.device)
-            state = (history, history, 0)
-        iterates, images, count = state
-        slot = torch.tensor([count % m], device=z.device)
-        iterates = iterates.index_copy(1, slot, z.reshape(batch, 1, -1))
-        images = images.index_copy(1, slot, fz.reshape(batch, 1, -1))
-        n = min(count + 1, m)
-        residuals = images[:, :n] - iterates[:, :n]
-        gram = residuals @ residuals.transpose(1, 2)
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
-        regularized = gram + (ridge * scale).view(-1, 1, 1) * torch.eye(n, dtype=z.dtype, device=z.device)
-        weights, info = torch.linalg.solve_ex(regularized, torch.ones(batch, n, 1, dtype=z.dtype, device=z.device))
-        alpha = weights / weights.sum(dim=1, keepdim=True)
-        mixed = damping * (alpha.transpose(1, 2) @ images[:, :n])
+            state = (history, history, torch.zeros(batch, m, dtype=torch.bool, device=z.device), 0)
+        iterates, images, valid, count = state
+        slot = count % m
+        index = torch.tensor([slot], device=z.device)
+        iterates = iterates.index_copy(1, index, z.reshape(batch, 1, -1))
+        images = images.index_copy(1, index, fz.reshape(batch, 1, -1))
+        newest = torch.zeros(m, dtype=torch.bool, device=z.device)
+        newest[slot] = True
+        valid = valid | newest
+        alpha = _mixing_weights(images - iterates, valid, ridge)
+        mixed = damping * (alpha.unsqueeze(1) @ images)
         if damping < 1.0:
-            mixed = mixed + (1.0 - damping) * (alpha.transpose(1, 2) @ iterates[:, :n])
-        usable = (info == 0) & torch.isfinite(alpha).all(dim=1).squeeze(-1)
+            mixed = mixed + (1.0 - damping) * (alpha.unsqueeze(1) @ iterates)
+        # Safeguard: a sample whose small system is singular takes the plain damped step and restarts its
+        # history from the newest pair.
+        usable = torch.isfinite(alpha).all(dim=1)
         plain = damping * fz + (1.0 - damping) * z
         proposal = torch.where(per_sample(usable, z), mixed.reshape(z.shape), plain)
-        return proposal, (iterates, images, count + 1)
+        valid = torch.where(usable.unsqueeze(1), valid, newest.expand_as(valid))
+        return proposal, (iterates, images, valid, count + 1)
 
     return solve_batched("anderson", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, state=None)
+
+
+def _mixing_weights(residuals: torch.Tensor, valid: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Anderson weights per sample, shape (B, m): minimize ``||sum_i alpha_i g_i||^2 + lambda ||alpha||^2``
+    subject to ``sum_i alpha_i = 1`` over the valid history slots; invalid slots get weight 0.
+
+    The minimizer is ``alpha = (G G^T + lambda I)^{-1} 1`` normalized to sum to one, with ``lambda`` equal to
+    ``ridge`` times the mean squared residual of the valid slots. Invalid slots get an identity block and a zero
+    right-hand side. A singular system gives non-finite weights.
+    """
+    mask = valid.to(residuals.dtype)
+    residuals = residuals * mask.unsqueeze(-1)
+    gram = residuals @ residuals.transpose(1, 2)
+    scale = gram.diagonal(dim1=1, dim2=2).sum(dim=1) / mask.sum(dim=1)
+    diagonal = torch.where(valid, ridge * scale.unsqueeze(1), torch.ones_like(mask))
+    system = gram + torch.diag_embed(diagonal)
+    weights, info = torch.linalg.solve_ex(system, mask.unsqueeze(-1))
+    weights = weights.squeeze(-1)
+    alpha = weights / weights.sum(dim=1, keepdim=True)
+    return torch.where((info == 0).unsqueeze(1), alpha, torch.full_like(alpha, float("nan")))
