@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import weakref
@@ -36,7 +35,7 @@ def autograd_graph_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Run ``fn()`` and measure the bytes of the tensors its autograd graph holds for the backward pass.
 
     Every tensor autograd saves while ``fn`` runs is tracked; those still alive when ``fn`` returns (parts of
-    the graph that nothing refers to any more are freed) are counted, once per storage, whichever device they
+    the graph that nothing refers to any more have been freed by reference counting) are counted, once per storage, whichever device they
     live on. This is the memory a backward pass of ``fn``'s output keeps alive, so it compares gradient
     methods on a CPU as well as on a GPU. It includes tensors that exist anyway, such as weights saved by a
     matrix product.
@@ -61,7 +60,6 @@ def autograd_graph_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = fn()
-    gc.collect()
     storages = {}
     for reference in saved:
         tensor = reference()
