@@ -167,7 +167,7 @@ def test_bad_inputs_name_the_argument():
     f = lambda z: tanh_cell(z, (W, x))  # noqa: E731
     with pytest.raises(TypeError, match="z0 must be a JAX array"):
         forward_iteration(f, [0.0])
-    with pytest.raises(ValueError, match="z0 must have a leading batch dimension"):
+    with pytest.raises(ValueError, match=r"z0 must have shape \(B, \.\.\.\)"):
         forward_iteration(f, jnp.zeros(()))
     with pytest.raises(TypeError, match="z0 must have a floating-point dtype"):
         newton(f, jnp.zeros(x.shape, jnp.int32))

@@ -1,7 +1,7 @@
 """JAX implicit layers: batched fixed-point solvers and their implicit derivatives, mirroring
 ``implicit_layers.torch`` name for name."""
 
-from ..errors import ConvergenceError, ConvergenceWarning
+from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
 from .anderson import anderson
 from .broyden import broyden
 from .fixed_point import SOLVERS, fixed_point
@@ -14,6 +14,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "SolverResult",
+    "UnsupportedDerivativeError",
     "anderson",
     "batched_jacobian",
     "broyden",

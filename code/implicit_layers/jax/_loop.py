@@ -3,15 +3,16 @@ warnings. The twin of ``implicit_layers.torch._loop``."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_iteration_limit, check_tolerance
+from .._checks import check_flag, check_iteration_limit, check_tolerance
 from ..errors import report_convergence
-from ._validation import check_batched_state, check_map_output, is_concrete
+from ._validation import check_batched_state, check_map_output, compute_dtype, is_concrete
 from .result import SolverResult
 
 Map = Callable[[jax.Array], jax.Array]
@@ -19,9 +20,19 @@ Update = Callable[[Map, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 """``update(f, z, f(z), state) -> (proposal, state)``: one step of a method; ``state`` carries its memory."""
 
 
+def flat(x: jax.Array) -> jax.Array:
+    """View a batch (B, ...) as (B, d); unlike ``reshape(B, -1)`` this also works for an empty batch."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def residual_norm(fz: jax.Array, z: jax.Array) -> jax.Array:
-    """Per-sample Euclidean norm of ``f(z) - z`` over all but the batch dimension."""
-    return jnp.linalg.norm((fz - z).reshape(z.shape[0], -1), axis=1)
+    """Per-sample Euclidean norm of ``f(z) - z`` over all but the batch dimension, in float32 at least.
+
+    Outside autodiff: residuals only steer the loop, and the norm's derivative at a zero residual is NaN, which
+    the zero cotangents of an unrolled loop would turn into NaN gradients."""
+    dtype = compute_dtype(z.dtype)
+    difference = jax.lax.stop_gradient(flat(fz).astype(dtype) - flat(z).astype(dtype))
+    return jnp.linalg.norm(difference, axis=1)
 
 
 def solve_batched(
@@ -42,23 +53,29 @@ def solve_batched(
 
     The loop runs on the device (``lax.while_loop``), so there is no host synchronization per step. With
     ``unroll`` it runs as a ``lax.scan`` of ``max_iter`` steps instead, which reverse-mode autodiff can
-    traverse; stopped samples are frozen either way, so both give the same iterates.
+    traverse; stopped samples are frozen either way, so both give the same iterates. As in the torch loop,
+    every evaluation covers the whole batch and every recorded residual is that of the batch as it stands; a
+    sample whose step makes ``f`` non-finite keeps its last finite iterate and is marked failed, and so is a
+    sample whose initial residual is not finite (which only ``jit`` lets through the argument checks).
     """
     check_batched_state("z0", z0)
-    check_tolerance("tol", tol)
-    check_iteration_limit("max_iter", max_iter)
+    tol = check_tolerance("tol", tol)
+    max_iter = check_iteration_limit("max_iter", max_iter)
+    strict = check_flag("strict", strict)
+    unroll = check_flag("unroll", unroll)
     batch = z0.shape[0]
 
     fz = f(z0)
     check_map_output(fz, z0)
     residual = residual_norm(fz, z0)
+    failed = ~jnp.isfinite(residual)
     state = dict(
         step=jnp.zeros((), jnp.int32),
         z=z0,
         fz=fz,
         residual=residual,
-        active=residual >= tol,
-        failed=jnp.zeros(batch, bool),
+        active=~failed & (residual >= tol),
+        failed=failed,
         iterations=jnp.zeros(batch, jnp.int32),
         trace=jnp.zeros((max_iter + 1, batch), residual.dtype).at[0].set(residual),
         memory=init_state(z0),
@@ -67,23 +84,22 @@ def solve_batched(
     def step(state):
         active = state["active"]
         proposal, memory = update(f, state["z"], state["fz"], state["memory"])
-        finite = jnp.isfinite(proposal).reshape(batch, -1).all(axis=1)
-        failed = state["failed"] | (active & ~finite)
-        stepping = active & finite
-        z = jnp.where(per_sample(stepping, proposal), proposal, state["z"])
-        fz = f(z)
-        new_residual = residual_norm(fz, z)
-        failed = failed | (stepping & ~jnp.isfinite(new_residual))
-        stepping = stepping & ~failed
-        residual = jnp.where(stepping, new_residual, state["residual"])
+        candidate = jnp.where(per_sample(active, proposal), proposal, state["z"])
+        image = f(candidate)
+        new_residual = residual_norm(image, candidate)
+        # A non-finite proposal or image makes the residual non-finite: one check covers both.
+        broke = ~jnp.isfinite(new_residual)
+        keep = per_sample(broke, candidate)
+        residual = jnp.where(broke, state["residual"], new_residual)
+        stepping = active & ~broke
         count = state["step"] + jnp.any(active).astype(jnp.int32)
         return dict(
             step=count,
-            z=z,
-            fz=fz,
+            z=jnp.where(keep, state["z"], candidate),
+            fz=jnp.where(keep, state["fz"], image),
             residual=residual,
             active=stepping & (residual >= tol),
-            failed=failed,
+            failed=state["failed"] | (active & broke),
             iterations=state["iterations"] + stepping,
             trace=state["trace"].at[count].set(residual),
             memory=memory,
@@ -96,15 +112,17 @@ def solve_batched(
 
     rows = jnp.arange(max_iter + 1)[:, None]
     trace = jnp.where(rows > state["step"], state["residual"][None, :], state["trace"])
+    converged = (state["residual"] < tol) & ~state["failed"]
     result = SolverResult(
         iterations=state["iterations"],
         residuals=trace,
-        converged=state["residual"] < tol,
+        converged=converged,
         failed=state["failed"],
         nfe=1 + state["step"] * (1 + evaluations_per_update),
         num_steps=state["step"],
     )
-    _report(name, result, tol=tol, max_iter=max_iter, strict=strict)
+    drifted = (trace < tol).any(axis=0) & ~converged & ~state["failed"]
+    _report(name, result, drifted, tol=tol, max_iter=max_iter, strict=strict)
     return state["z"], result
 
 
@@ -113,12 +131,13 @@ def per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
     return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def _report(name: str, result: SolverResult, *, tol: float, max_iter: int, strict: bool) -> None:
+def _report(name: str, result: SolverResult, drifted: jax.Array, *, tol: float, max_iter: int, strict: bool) -> None:
     report = partial(report_convergence, name, tol=tol, max_iter=max_iter, strict=strict)
-    flags = (result.converged, result.residual, result.failed)
+    flags = (result.converged, result.residual, result.failed, drifted)
     if all(is_concrete(a) for a in flags):
         report(*flags, stacklevel=4)
     else:
-        # Under jit the values exist only on the device: report from there once the solve has run. With
-        # strict=True the ConvergenceError then surfaces wrapped in a JaxRuntimeError.
+        # Under jit the values exist only on the device: report from there once the solve has run. A warning
+        # is issued as usual; with strict=True the ConvergenceError raised in the callback reaches the caller
+        # wrapped in a jax.errors.JaxRuntimeError that quotes its message (the solver docstrings say so).
         jax.debug.callback(report, *flags)

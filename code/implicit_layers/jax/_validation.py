@@ -7,18 +7,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._checks import check_state_shape
+
 
 def is_concrete(value: Any) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
 def check_batched_state(name: str, value: Any) -> None:
-    """Raise unless ``value`` is a floating-point array with a leading batch dimension (and, when its values
-    are known, finite)."""
+    """Raise unless ``value`` is a floating-point array of shape (B, ...) with at least one state dimension
+    (and, when its values are known, finite)."""
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         raise TypeError(f"{name} must be a JAX array, got {type(value).__name__}")
-    if value.ndim < 1:
-        raise ValueError(f"{name} must have a leading batch dimension, got an array of shape {tuple(value.shape)}")
+    check_state_shape(name, tuple(value.shape))
     if not jnp.issubdtype(value.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
     if is_concrete(value) and not bool(jnp.isfinite(value).all()):
@@ -35,3 +36,9 @@ def check_map_output(fz: Any, z0: jax.Array) -> None:
             )
     if is_concrete(fz) and not bool(jnp.isfinite(fz).all()):
         raise ValueError("f(z0) contains NaN or Inf: check the inputs and parameters that f uses")
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype of the solvers' small linear algebra and residual norms for states of ``dtype``: float32 for
+    the 16-bit formats (whose 8 or 11 significant bits cannot carry a least-squares solve), else ``dtype``."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype

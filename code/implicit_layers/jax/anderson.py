@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_iteration_limit, check_tolerance, check_unit_interval
-from ._loop import Map, per_sample, solve_batched
+from ._loop import Map, flat, solve_batched
+from ._validation import compute_dtype
 from .result import SolverResult
 
 
@@ -52,33 +53,37 @@ def anderson(
     result : SolverResult
         Iterations, residual trace and convergence flags per sample.
     """
-    check_iteration_limit("m", m)
-    check_tolerance("ridge", ridge)
-    check_unit_interval("damping", damping)
+    m = check_iteration_limit("m", m)
+    ridge = check_tolerance("ridge", ridge)
+    damping = check_unit_interval("damping", damping)
 
     def init_state(z0):
-        history = jnp.zeros((z0.shape[0], m, z0[0].size), z0.dtype)
-        return history, history, jnp.zeros((z0.shape[0], m), bool), jnp.zeros((), jnp.int32)
+        batch, dim = flat(z0).shape
+        history = jnp.zeros((batch, m, dim), compute_dtype(z0.dtype))
+        return history, history, jnp.zeros((batch, m), bool), jnp.zeros((), jnp.int32)
 
     def update(f: Map, z: jax.Array, fz: jax.Array, state):
-        iterates, images, valid, count = state
-        batch = z.shape[0]
+        # The history keeps images f(x_i) and residuals g_i = f(x_i) - x_i; the iterates are their difference.
+        images, residuals, valid, count = state
         slot = count % m
-        iterates = iterates.at[:, slot].set(z.reshape(batch, -1))
-        images = images.at[:, slot].set(fz.reshape(batch, -1))
+        image = flat(fz).astype(images.dtype)
+        residual = image - flat(z).astype(images.dtype)
+        images, residuals = images.at[:, slot].set(image), residuals.at[:, slot].set(residual)
         newest = jnp.arange(m) == slot
         valid = valid | newest
-        alpha = _mixing_weights(images - iterates, valid, ridge)
-        mixed = damping * jnp.einsum("bm,bmd->bd", alpha, images)
+        alpha = _mixing_weights(residuals, valid, ridge)[:, None, :]
+        # damping * sum_i alpha_i f_i + (1 - damping) * sum_i alpha_i x_i, with x_i = f_i - g_i
+        mixed = alpha @ images
+        plain = image
         if damping < 1.0:
-            mixed = mixed + (1.0 - damping) * jnp.einsum("bm,bmd->bd", alpha, iterates)
+            mixed = mixed - (1.0 - damping) * (alpha @ residuals)
+            plain = plain - (1.0 - damping) * residual
         # Safeguard: a sample whose small system is singular takes the plain damped step and restarts its
         # history from the newest pair.
-        usable = jnp.isfinite(alpha).all(axis=1)
-        plain = damping * fz + (1.0 - damping) * z
-        proposal = jnp.where(per_sample(usable, z), mixed.reshape(z.shape), plain)
-        valid = jnp.where(usable[:, None], valid, newest[None, :])
-        return proposal, (iterates, images, valid, count + 1)
+        usable = jnp.isfinite(alpha).all(axis=2)
+        proposal = jnp.where(usable, mixed[:, 0], plain).reshape(z.shape).astype(z.dtype)
+        valid = jnp.where(usable, valid, newest[None, :])
+        return proposal, (images, residuals, valid, count + 1)
 
     return solve_batched(
         "anderson",
@@ -98,9 +103,9 @@ def _mixing_weights(residuals: jax.Array, valid: jax.Array, ridge: float) -> jax
     """Anderson weights per sample, shape (B, m); the twin of the torch helper (invalid slots weigh 0, a
     singular system gives non-finite weights)."""
     mask = valid.astype(residuals.dtype)
-    residuals = residuals * mask[..., None]
-    gram = residuals @ residuals.transpose(0, 2, 1)
+    gram = (residuals @ residuals.transpose(0, 2, 1)) * (mask[:, :, None] * mask[:, None, :])
     scale = jnp.trace(gram, axis1=1, axis2=2) / mask.sum(axis=1)
+    scale = jnp.where(scale > 0, scale, 1.0)  # all residuals zero (converged): uniform weights, not 0/0
     diagonal = jnp.where(valid, ridge * scale[:, None], 1.0)
     weights = jnp.linalg.solve(gram + jax.vmap(jnp.diag)(diagonal), mask[..., None])[..., 0]
     return weights / weights.sum(axis=1, keepdims=True)

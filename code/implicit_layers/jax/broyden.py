@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_iteration_limit
-from ._loop import Map, solve_batched
+from ._loop import Map, flat, solve_batched
+from ._validation import compute_dtype
 from .result import SolverResult
 
 
@@ -45,18 +46,19 @@ def broyden(
     result : SolverResult
         Iterations, residual trace and convergence flags per sample.
     """
-    check_iteration_limit("m", m)
+    m = check_iteration_limit("m", m)
 
     def init_state(z0):
-        batch, dim = z0.shape[0], z0[0].size
-        flat = jnp.zeros((batch, dim), z0.dtype)
-        pairs = jnp.zeros((batch, m, dim), z0.dtype)
-        return flat, flat, pairs, pairs, jnp.zeros((), jnp.int32)
+        batch, dim = flat(z0).shape
+        dtype = compute_dtype(z0.dtype)
+        vectors = jnp.zeros((batch, dim), dtype)
+        pairs = jnp.zeros((batch, m, dim), dtype)
+        return vectors, vectors, pairs, pairs, jnp.zeros((), jnp.int32)
 
     def update(f: Map, z: jax.Array, fz: jax.Array, state):
         previous_z, previous_g, us, vs, count = state
-        batch = z.shape[0]
-        zf, g = z.reshape(batch, -1), (fz - z).reshape(batch, -1)
+        zf = flat(z).astype(us.dtype)
+        g = flat(fz).astype(us.dtype) - zf
         has_previous = count > 0
         slot = (count - 1) % m
         restart = has_previous & (slot == 0)
@@ -64,17 +66,17 @@ def broyden(
         dz, dg = zf - previous_z, g - previous_g
         h_dg = _apply(us, vs, dg)
         denominator = jnp.sum(dz * h_dg, axis=1, keepdims=True)
-        eps = jnp.finfo(z.dtype).eps
+        eps = jnp.finfo(us.dtype).eps
         # A sample that did not move (it has stopped) or whose secant is degenerate keeps its H.
         fine = has_previous & (
             jnp.abs(denominator)
             > eps * jnp.linalg.norm(dz, axis=1, keepdims=True) * jnp.linalg.norm(h_dg, axis=1, keepdims=True)
         )
         u = jnp.where(fine, (dz - h_dg) / jnp.where(fine, denominator, 1.0), 0.0)
-        v = _apply_transposed(us, vs, dz)
+        v = _apply(vs, us, dz)
         us, vs = us.at[:, slot].set(u), vs.at[:, slot].set(v)
         step = -_apply(us, vs, g)
-        return (zf + step).reshape(z.shape), (zf, g, us, vs, count + 1)
+        return (zf + step).reshape(z.shape).astype(z.dtype), (zf, g, us, vs, count + 1)
 
     return solve_batched(
         "broyden",
@@ -91,10 +93,6 @@ def broyden(
 
 
 def _apply(us: jax.Array, vs: jax.Array, x: jax.Array) -> jax.Array:
-    """``H x`` for ``H = -I + sum_i u_i v_i^T``, batched."""
-    return -x + jnp.einsum("bmd,bm->bd", us, jnp.einsum("bmd,bd->bm", vs, x))
-
-
-def _apply_transposed(us: jax.Array, vs: jax.Array, x: jax.Array) -> jax.Array:
-    """``H^T x``, batched."""
-    return -x + jnp.einsum("bmd,bm->bd", vs, jnp.einsum("bmd,bd->bm", us, x))
+    """``H x`` for ``H = -I + sum_i u_i v_i^T``, batched; with the roles of ``us`` and ``vs`` swapped it is
+    ``H^T x``."""
+    return -x + jnp.einsum("bm,bmd->bd", jnp.einsum("bmd,bd->bm", vs, x), us)

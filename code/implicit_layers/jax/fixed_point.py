@@ -8,8 +8,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_choice
-from ._loop import per_sample
+from .._checks import check_fixed_point_options
+from ._loop import flat, per_sample
 from .anderson import anderson
 from .broyden import broyden
 from .forward_iteration import forward_iteration
@@ -73,7 +73,10 @@ def fixed_point(
     backward_max_iter : int
         Iteration limit of the derivative's linear solves.
     strict : bool
-        Raise instead of warning when a solve does not converge.
+        Raise instead of warning when a solve does not converge; under ``jit`` see
+        :func:`implicit_layers.jax.forward_iteration` for what changes. The linear solves of a derivative are
+        always traced (inside ``lax.custom_linear_solve``), so their failures arrive that way even without
+        ``jit``: as a ``jax.errors.JaxRuntimeError`` quoting the ``ConvergenceError``.
     solver_options, backward_solver_options : dict, optional
         Extra keyword arguments of the forward and the linear solvers (for example ``{"m": 6}`` for Anderson).
 
@@ -86,18 +89,32 @@ def fixed_point(
 
     Notes
     -----
+    Derivatives of every order are exact: the rule's inputs pass through the rule again, so a second
+    differentiation (``jax.hessian``, a Hessian-vector product, ``grad`` of ``grad``) sees the solution move
+    with ``theta`` inside the Jacobians and in the linear solve.
+
+    ``f`` must act on each sample independently: sample ``b`` of ``f(z, theta)`` may depend on ``z[b]`` and
+    on ``theta``, not on other samples. Every step evaluates ``f`` on the whole batch, so a map that mixes
+    samples shows up as samples that lose their convergence, which the warning names.
+
     A sample whose forward solve or linear solve failed (a NaN/Inf step or a singular system, reported by a
     :class:`~implicit_layers.errors.ConvergenceWarning`) gets a zero derivative: the implicit function theorem
     says nothing at a point that is not a fixed point.
     """
-    backward_solver = backward_solver or solver
-    check_choice("solver", solver, SOLVERS)
-    check_choice("backward", backward, BACKWARD_MODES)
-    check_choice("backward_solver", backward_solver, SOLVERS)
-    forward_options = {**(solver_options or {}), "tol": tol, "strict": strict}
-    if max_iter is not None:
-        forward_options["max_iter"] = max_iter
-
+    forward_options, derivative = check_fixed_point_options(
+        SOLVERS,
+        BACKWARD_MODES,
+        solver=solver,
+        backward=backward,
+        backward_solver=backward_solver,
+        tol=tol,
+        max_iter=max_iter,
+        backward_tol=backward_tol,
+        backward_max_iter=backward_max_iter,
+        strict=strict,
+        solver_options=solver_options,
+        backward_solver_options=backward_solver_options,
+    )
     if backward == "unrolled":
         return SOLVERS[solver](lambda z: f(z, theta), z0, unroll=True, **forward_options)
 
@@ -105,11 +122,11 @@ def fixed_point(
     z_star, result = SOLVERS[solver](lambda z: f(z, frozen_theta), jax.lax.stop_gradient(z0), **forward_options)
     linear_solve = partial(
         _solve_linear_fixed_point,
-        SOLVERS[backward_solver],
-        options=backward_solver_options or {},
-        tol=backward_tol if backward_tol is not None else float(jnp.finfo(z_star.dtype).eps) ** 0.5,
-        max_iter=backward_max_iter,
-        strict=strict,
+        SOLVERS[derivative["solver"]],
+        options=derivative["options"],
+        tol=derivative["tol"] or float(jnp.finfo(z_star.dtype).eps) ** 0.5,
+        max_iter=derivative["max_iter"],
+        strict=derivative["strict"],
     )
     return _implicit_solution(f, linear_solve, z_star, result.failed, theta), result
 
@@ -123,6 +140,9 @@ def _implicit_solution(f, linear_solve, z_star, failed, theta):
 def _implicit_solution_jvp(f, linear_solve, primals, tangents):
     z_star, failed, theta = primals
     theta_dot = tangents[2]  # the solution does not depend on where the solver started
+    # The rule's own inputs go through the rule again: differentiated once more (a Hessian, a Hessian-vector
+    # product), z* then carries its implicit derivative into the Jacobians below instead of being a constant.
+    z_star = _implicit_solution(f, linear_solve, z_star, failed, theta)
     _, rhs = jax.jvp(lambda th: f(z_star, th), (theta,), (theta_dot,))
 
     def one_minus_jacobian(t):
@@ -141,7 +161,7 @@ def _solve_linear_fixed_point(solver, one_minus_a, b, *, options, tol, max_iter,
     The system is solved for ``b / ||b||`` per sample, which makes ``tol`` relative to each right-hand side;
     samples whose solve failed get zero.
     """
-    norms = jnp.linalg.norm(b.reshape(b.shape[0], -1), axis=1)
+    norms = jnp.linalg.norm(flat(b), axis=1)
     scale = per_sample(jnp.where(norms > 0, norms, 1.0), b)
     rhs = b / scale
     x, result = solver(lambda x: x - one_minus_a(x) + rhs, rhs, **options, tol=tol, max_iter=max_iter, strict=strict)

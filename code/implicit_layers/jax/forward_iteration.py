@@ -28,6 +28,11 @@ def forward_iteration(
         Most steps per sample.
     strict : bool
         Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
+        Under ``jax.jit`` the values are known only after the solve, so the check runs in a host callback:
+        the error then reaches the caller as a ``jax.errors.JaxRuntimeError`` whose message contains the
+        ``ConvergenceError`` and its text (JAX also logs the callback's traceback to stderr), and a ``z0``
+        with NaN or Inf, which the argument checks cannot see under ``jit``, is reported as failed samples
+        (status ``"diverged"``) rather than as an error.
     unroll : bool
         Run a fixed ``max_iter``-step ``lax.scan`` that reverse-mode autodiff can differentiate through
         (unrolled differentiation), instead of an early-stopping ``lax.while_loop``.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._loop import Map, solve_batched
+from ._loop import Map, flat, solve_batched
+from ._validation import compute_dtype
 from .result import SolverResult
 
 
@@ -27,7 +28,7 @@ def batched_jacobian(f: Map, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         Shape (B, d, d), ``jacobian[b, i, j] = d f(z)[b, i] / d z[b, j]`` on flattened samples, from ``d``
         vector-Jacobian products batched with ``vmap``.
     """
-    batch, dim = z.shape[0], z[0].size
+    batch, dim = flat(z).shape
     fz, pullback = jax.vjp(f, z)
     basis = jnp.broadcast_to(jnp.eye(dim, dtype=z.dtype)[:, None, :], (dim, batch, dim)).reshape((dim,) + z.shape)
     rows = jax.vmap(lambda cotangent: pullback(cotangent)[0])(basis)
@@ -35,13 +36,14 @@ def batched_jacobian(f: Map, z: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def newton_step(f: Map, z: jax.Array) -> jax.Array:
-    """One Newton step for ``f(z) - z = 0``: ``z - (J - I)^{-1} (f(z) - z)``, batched. A singular system gives
-    a non-finite step, which the solver loop reports as a failure."""
+    """One Newton step for ``f(z) - z = 0``: ``z - (J - I)^{-1} (f(z) - z)``, batched. The linear system is
+    solved in float32 at least (16-bit states are upcast for it); a singular system gives a non-finite step,
+    which the solver loop reports as a failure."""
     fz, jacobian = batched_jacobian(f, z)
-    batch = z.shape[0]
-    identity = jnp.eye(jacobian.shape[-1], dtype=z.dtype)
-    delta = jnp.linalg.solve(jacobian - identity, (fz - z).reshape(batch, -1, 1))
-    return z - delta.reshape(z.shape)
+    dtype = compute_dtype(z.dtype)
+    jacobian = jacobian.astype(dtype) - jnp.eye(jacobian.shape[-1], dtype=dtype)
+    delta = jnp.linalg.solve(jacobian, (flat(fz).astype(dtype) - flat(z).astype(dtype))[..., None])
+    return z - delta.reshape(z.shape).astype(z.dtype)
 
 
 def newton(
@@ -66,6 +68,11 @@ def newton(
         Most Newton steps per sample.
     strict : bool
         Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
+        Under ``jax.jit`` the values are known only after the solve, so the check runs in a host callback:
+        the error then reaches the caller as a ``jax.errors.JaxRuntimeError`` whose message contains the
+        ``ConvergenceError`` and its text (JAX also logs the callback's traceback to stderr), and a ``z0``
+        with NaN or Inf, which the argument checks cannot see under ``jit``, is reported as failed samples
+        (status ``"diverged"``) rather than as an error.
     unroll : bool
         Run a fixed ``max_iter``-step ``lax.scan`` that reverse-mode autodiff can differentiate through
         (unrolled Newton), instead of an early-stopping ``lax.while_loop``.

@@ -16,11 +16,12 @@ class SolverResult(NamedTuple):
     iterations : jax.Array
         Steps taken by each sample, shape (B,).
     residuals : jax.Array
-        Residual trace, shape (max_iter + 1, B): row 0 at the initial guess, row k after k steps. Shapes are
-        fixed under ``jit``, so rows after the last step repeat the final residuals; ``num_steps`` says where
-        the real trace ends.
+        Residual trace, shape (max_iter + 1, B), float32 for 16-bit states: row 0 at the initial guess, row k
+        after k steps, each from evaluating ``f`` on the whole batch as it stood (so the last row is every
+        sample's true final residual). Shapes are fixed under ``jit``, so rows after the last step repeat the
+        final residuals; ``num_steps`` says where the real trace ends.
     converged : jax.Array
-        Whether each sample met the tolerance, shape (B,).
+        Whether each sample's final residual is below the tolerance, shape (B,).
     failed : jax.Array
         Whether a sample stopped because a step produced NaN or Inf or a linear solve was singular, shape (B,).
     nfe : jax.Array

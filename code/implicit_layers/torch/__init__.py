@@ -1,6 +1,6 @@
 """PyTorch implicit layers: batched fixed-point solvers and their implicit gradients."""
 
-from ..errors import ConvergenceError, ConvergenceWarning
+from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
 from .anderson import anderson
 from .broyden import broyden
 from .fixed_point import SOLVERS, FixedPointLayer, fixed_point
@@ -15,6 +15,7 @@ __all__ = [
     "ConvergenceWarning",
     "FixedPointLayer",
     "SolverResult",
+    "UnsupportedDerivativeError",
     "anderson",
     "autograd_graph_bytes",
     "batched_jacobian",

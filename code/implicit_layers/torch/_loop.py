@@ -6,9 +6,9 @@ from typing import Any, Callable
 
 import torch
 
+from .._checks import check_flag, check_iteration_limit, check_tolerance
 from ..errors import report_convergence
-from .._checks import check_iteration_limit, check_tolerance
-from ._validation import check_batched_state, check_map_output
+from ._validation import check_batched_state, check_map_output, compute_dtype
 from .result import SolverResult
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -17,12 +17,13 @@ Update = Callable[[Map, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, An
 
 
 def residual_norm(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Per-sample Euclidean norm of ``f(z) - z`` over all but the batch dimension.
+    """Per-sample Euclidean norm of ``f(z) - z`` over all but the batch dimension, in float32 at least.
 
     Computed on detached tensors: residuals only steer the loop, and recording them would make unrolled
     differentiation keep two extra batches of states per step.
     """
-    return (fz.detach() - z.detach()).flatten(1).norm(dim=1)
+    dtype = compute_dtype(z.dtype)
+    return (fz.detach().flatten(1).to(dtype) - z.detach().flatten(1).to(dtype)).norm(dim=1)
 
 
 def solve_batched(
@@ -41,11 +42,15 @@ def solve_batched(
     threaded through the updates.
 
     Stopped samples are frozen with ``torch.where`` rather than removed from the batch, so shapes stay fixed and
-    the only host synchronization per step is the check whether any sample is still running.
+    the only host synchronization per step is the check whether any sample is still running. Every evaluation
+    of ``f`` covers the whole batch, so each recorded residual is that of the batch as it stands: a map that
+    mixes samples cannot make a frozen sample look converged. A sample whose step makes ``f`` non-finite keeps
+    its last finite iterate and is marked failed.
     """
     check_batched_state("z0", z0)
-    check_tolerance("tol", tol)
-    check_iteration_limit("max_iter", max_iter)
+    tol = check_tolerance("tol", tol)
+    max_iter = check_iteration_limit("max_iter", max_iter)
+    strict = check_flag("strict", strict)
 
     nfe = 0
 
@@ -70,43 +75,42 @@ def solve_batched(
             if not bool(active.any()):
                 break
             proposal, state = update(counted, z, fz, state)
-            finite = torch.isfinite(proposal.detach()).flatten(1).all(dim=1)
-            failed = failed | (active & ~finite)
-            stepping = active & finite
-            z = torch.where(per_sample(stepping, z), proposal, z)
-            fz = counted(z)
-            new_residual = residual_norm(fz, z)
-            failed = failed | (stepping & ~torch.isfinite(new_residual))
-            stepping = stepping & ~failed
-            residual = torch.where(stepping, new_residual, residual)
+            candidate = torch.where(per_sample(active, z), proposal, z)
+            image = counted(candidate)
+            new_residual = residual_norm(image, candidate)
+            # A non-finite proposal or image makes the residual non-finite: one check covers both.
+            broke = ~torch.isfinite(new_residual)
+            failed = failed | (active & broke)
+            keep = per_sample(broke, z)
+            z = torch.where(keep, z, candidate)
+            fz = torch.where(keep, fz, image)
+            residual = torch.where(broke, residual, new_residual)
+            stepping = active & ~broke
             iterations = iterations + stepping
             trace.append(residual)
             active = stepping & (residual >= tol)
 
+    residuals = torch.stack(trace)
+    converged = (residual < tol) & ~failed
+    drifted = (residuals < tol).any(dim=0) & ~converged & ~failed
     result = SolverResult(
         iterations=iterations,
-        residuals=torch.stack(trace),
-        converged=residual < tol,
+        residuals=residuals,
+        converged=converged,
         failed=failed,
         nfe=nfe,
     )
-    _report(name, result, tol=tol, max_iter=max_iter, strict=strict)
+    report_convergence(
+        name,
+        *(flags.cpu().numpy() for flags in (converged, residual, failed, drifted)),
+        tol=tol,
+        max_iter=max_iter,
+        strict=strict,
+        stacklevel=3,
+    )
     return z, result
 
 
 def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """View per-sample ``values`` of shape (B,) so they broadcast against ``like`` of shape (B, ...)."""
     return values.view(-1, *([1] * (like.ndim - 1)))
-
-
-def _report(name: str, result: SolverResult, *, tol: float, max_iter: int, strict: bool) -> None:
-    report_convergence(
-        name,
-        result.converged.cpu().numpy(),
-        result.residual.cpu().numpy(),
-        result.failed.cpu().numpy(),
-        tol=tol,
-        max_iter=max_iter,
-        strict=strict,
-        stacklevel=4,
-    )

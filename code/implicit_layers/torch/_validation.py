@@ -6,13 +6,15 @@ from typing import Any
 
 import torch
 
+from .._checks import check_state_shape
+
 
 def check_batched_state(name: str, value: Any) -> None:
-    """Raise unless ``value`` is a finite floating-point tensor with a leading batch dimension."""
+    """Raise unless ``value`` is a finite floating-point tensor of shape (B, ...) with at least one state
+    dimension."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.ndim < 1:
-        raise ValueError(f"{name} must have a leading batch dimension, got a tensor of shape {tuple(value.shape)}")
+    check_state_shape(name, tuple(value.shape))
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
     if not bool(torch.isfinite(value).all()):
@@ -35,3 +37,9 @@ def check_map_output(fz: Any, z0: torch.Tensor) -> None:
 
 def _show(value: Any) -> str:
     return str(tuple(value)) if isinstance(value, torch.Size) else str(value)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the solvers' small linear algebra and residual norms for states of ``dtype``: float32 for
+    the 16-bit formats (whose 8 or 11 significant bits cannot carry a least-squares solve), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

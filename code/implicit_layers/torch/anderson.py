@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_iteration_limit, check_tolerance, check_unit_interval
-from ._loop import Map, per_sample, solve_batched
+from ._loop import Map, solve_batched
+from ._validation import compute_dtype
 from .result import SolverResult
 
 
@@ -63,34 +64,43 @@ def anderson(
     ConvergenceWarning
         When some sample does not reach ``tol``; the message gives the largest residual reached.
     """
-    check_iteration_limit("m", m)
-    check_tolerance("ridge", ridge)
-    check_unit_interval("damping", damping)
+    m = check_iteration_limit("m", m)
+    ridge = check_tolerance("ridge", ridge)
+    damping = check_unit_interval("damping", damping)
 
     def update(f: Map, z: torch.Tensor, fz: torch.Tensor, state):
-        batch = z.shape[0]
+        batch, dtype = z.shape[0], compute_dtype(z.dtype)
         if state is None:
-            history = torch.zeros(batch, m, z[0].numel(), dtype=z.dtype, device=z.device)
-            state = (history, history, torch.zeros(batch, m, dtype=torch.bool, device=z.device), 0)
-        iterates, images, valid, count = state
+            history = torch.zeros(batch, m, z.flatten(1).shape[1], dtype=dtype, device=z.device)
+            slot_masks = torch.eye(m, dtype=torch.bool, device=z.device)
+            state = (history, history.clone(), torch.zeros(batch, m, dtype=torch.bool, device=z.device), slot_masks, 0)
+        # The history keeps images f(x_i) and residuals g_i = f(x_i) - x_i; the iterates are their difference.
+        images, residuals, valid, slot_masks, count = state
         slot = count % m
-        index = torch.tensor([slot], device=z.device)
-        iterates = iterates.index_copy(1, index, z.reshape(batch, 1, -1))
-        images = images.index_copy(1, index, fz.reshape(batch, 1, -1))
-        newest = torch.zeros(m, dtype=torch.bool, device=z.device)
-        newest[slot] = True
+        image = fz.reshape(batch, -1).to(dtype)
+        residual = image - z.reshape(batch, -1).to(dtype)
+        if torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad):
+            index = torch.tensor([slot], device=z.device)
+            images = images.index_copy(1, index, image.unsqueeze(1))
+            residuals = residuals.index_copy(1, index, residual.unsqueeze(1))
+        else:  # no graph to keep intact: update the history in place instead of copying it every step
+            images[:, slot] = image
+            residuals[:, slot] = residual
+        newest = slot_masks[slot]
         valid = valid | newest
-        alpha = _mixing_weights(images - iterates, valid, ridge)
-        mixed = damping * (alpha.unsqueeze(1) @ images)
+        alpha = _mixing_weights(residuals, valid, ridge).unsqueeze(1)
+        # damping * sum_i alpha_i f_i + (1 - damping) * sum_i alpha_i x_i, with x_i = f_i - g_i
+        mixed = alpha @ images
+        plain = image
         if damping < 1.0:
-            mixed = mixed + (1.0 - damping) * (alpha.unsqueeze(1) @ iterates)
+            mixed = mixed - (1.0 - damping) * (alpha @ residuals)
+            plain = plain - (1.0 - damping) * residual
         # Safeguard: a sample whose small system is singular takes the plain damped step and restarts its
         # history from the newest pair.
-        usable = torch.isfinite(alpha).all(dim=1)
-        plain = damping * fz + (1.0 - damping) * z
-        proposal = torch.where(per_sample(usable, z), mixed.reshape(z.shape), plain)
-        valid = torch.where(usable.unsqueeze(1), valid, newest.expand_as(valid))
-        return proposal, (iterates, images, valid, count + 1)
+        usable = torch.isfinite(alpha).all(dim=2)
+        proposal = torch.where(usable, mixed.squeeze(1), plain).reshape(z.shape).to(z.dtype)
+        valid = torch.where(usable, valid, newest)
+        return proposal, (images, residuals, valid, slot_masks, count + 1)
 
     return solve_batched("anderson", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, state=None)
 
@@ -104,9 +114,9 @@ def _mixing_weights(residuals: torch.Tensor, valid: torch.Tensor, ridge: float) 
     right-hand side. A singular system gives non-finite weights.
     """
     mask = valid.to(residuals.dtype)
-    residuals = residuals * mask.unsqueeze(-1)
-    gram = residuals @ residuals.transpose(1, 2)
+    gram = (residuals @ residuals.transpose(1, 2)) * (mask.unsqueeze(2) * mask.unsqueeze(1))
     scale = gram.diagonal(dim1=1, dim2=2).sum(dim=1) / mask.sum(dim=1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all residuals zero: uniform weights, not 0/0
     diagonal = torch.where(valid, ridge * scale.unsqueeze(1), torch.ones_like(mask))
     system = gram + torch.diag_embed(diagonal)
     weights, info = torch.linalg.solve_ex(system, mask.unsqueeze(-1))

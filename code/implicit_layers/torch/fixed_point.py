@@ -7,8 +7,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .._checks import check_fixed_point_options
+from ..errors import UnsupportedDerivativeError
 from ._loop import Map, per_sample
-from .._checks import check_choice
 from ._validation import check_batched_state
 from .anderson import anderson
 from .broyden import broyden
@@ -84,21 +85,38 @@ def fixed_point(
     result : SolverResult
         The forward solver's record.
 
+    Raises
+    ------
+    UnsupportedDerivativeError
+        When a gradient of the implicit backward pass is differentiated again (a second derivative): this
+        route is first order, and the error replaces a wrong number. ``backward="unrolled"`` and
+        :func:`implicit_layers.jax.fixed_point` give exact higher derivatives.
+
     Notes
     -----
-    The implicit backward pass is first-order only: differentiating the gradient again is not supported.
+    ``f`` must act on each sample independently: sample ``b`` of ``f(z)`` may depend on ``z[b]`` and on the
+    parameters, not on other samples (batch normalization in training mode breaks this). The solver evaluates
+    ``f`` on the whole batch at every step, so a map that mixes samples shows up as samples that lose their
+    convergence, which the warning names.
+
     A sample whose forward or adjoint solve failed (a NaN/Inf step or a singular system, reported by a
     :class:`~implicit_layers.errors.ConvergenceWarning`) passes a zero gradient on: the implicit function
     theorem says nothing at a point that is not a fixed point.
     """
-    backward_solver = backward_solver or solver
-    check_choice("solver", solver, SOLVERS)
-    check_choice("backward", backward, BACKWARD_MODES)
-    check_choice("backward_solver", backward_solver, SOLVERS)
-    forward_options = {**(solver_options or {}), "tol": tol, "strict": strict}
-    if max_iter is not None:
-        forward_options["max_iter"] = max_iter
-
+    forward_options, derivative = check_fixed_point_options(
+        SOLVERS,
+        BACKWARD_MODES,
+        solver=solver,
+        backward=backward,
+        backward_solver=backward_solver,
+        tol=tol,
+        max_iter=max_iter,
+        backward_tol=backward_tol,
+        backward_max_iter=backward_max_iter,
+        strict=strict,
+        solver_options=solver_options,
+        backward_solver_options=backward_solver_options,
+    )
     if backward == "unrolled":
         return SOLVERS[solver](f, z0, **forward_options)
 
@@ -114,40 +132,68 @@ def fixed_point(
         return z, result
     z_leaf = z_star.detach().requires_grad_()
     f_leaf = f(z_leaf)
+    relative_tol = derivative["tol"] or torch.finfo(z.dtype).eps ** 0.5
 
-    relative_tol = backward_tol if backward_tol is not None else torch.finfo(z.dtype).eps ** 0.5
+    def transposed_jacobian_product(h: torch.Tensor) -> torch.Tensor:
+        if not f_leaf.requires_grad:  # f does not depend on the state: its Jacobian is zero
+            return torch.zeros_like(h)
+        # create_graph only when a Newton backward solve differentiates this map to build J^T.
+        (vjp,) = torch.autograd.grad(
+            f_leaf, z_leaf, h, retain_graph=True, create_graph=torch.is_grad_enabled(), allow_unused=True
+        )
+        return torch.zeros_like(h) if vjp is None else vjp
 
     def adjoint_gradient(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if grad is None:  # autograd passes None when the output's gradient is undefined
             return None
+        differentiable = torch.is_grad_enabled()  # the caller asked for create_graph=True
         # The adjoint system is linear, so solving it for grad / ||grad|| per sample turns the solver's absolute
         # tolerance into one relative to each sample's gradient.
+        grad = grad.detach()
         scale = per_sample(grad.flatten(1).norm(dim=1), grad)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         rhs = grad / scale
-
-        def adjoint_map(h: torch.Tensor) -> torch.Tensor:
-            # create_graph only when a Newton backward solve differentiates this map to build J^T.
-            (vjp,) = torch.autograd.grad(
-                f_leaf, z_leaf, h, retain_graph=True, create_graph=torch.is_grad_enabled()
+        with torch.no_grad():
+            h, adjoint_result = SOLVERS[derivative["solver"]](
+                lambda h: transposed_jacobian_product(h) + rhs,
+                rhs,
+                **derivative["options"],
+                tol=relative_tol,
+                max_iter=derivative["max_iter"],
+                strict=derivative["strict"],
             )
-            return vjp + rhs
-
-        h, adjoint_result = SOLVERS[backward_solver](
-            adjoint_map,
-            rhs,
-            **(backward_solver_options or {}),
-            tol=relative_tol,
-            max_iter=backward_max_iter,
-            strict=strict,
-        )
         if backward_callback is not None:
             backward_callback(adjoint_result)
         failed = per_sample(result.failed | adjoint_result.failed, h)
-        return torch.where(failed, torch.zeros_like(h), h.detach() * scale)
+        gradient = torch.where(failed, torch.zeros_like(h), h * scale)
+        return _FirstOrderOnly.apply(gradient, f_leaf) if differentiable else gradient
 
     z.register_hook(adjoint_gradient)
     return z, result
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes the implicit gradient on and refuses to be differentiated.
+
+    The gradient is computed at the solution with the solution and the adjoint treated as constants, so its
+    derivative would miss how both move with the parameters: a silently wrong second derivative. The closure
+    API cannot hand the parameters that ``f`` uses to an exact second-order rule, so differentiating again is
+    an error instead. ``anchor`` (``f`` applied at the solution) links this node to every tensor ``f`` uses, so
+    any second derivative with respect to them passes through it, even when the incoming gradient is constant.
+    """
+
+    @staticmethod
+    def forward(ctx, gradient: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return gradient.clone()
+
+    @staticmethod
+    def backward(ctx, _: torch.Tensor) -> tuple[None, None]:
+        raise UnsupportedDerivativeError(
+            "fixed_point's implicit backward pass in PyTorch is first order: differentiating its gradient "
+            "again (torch.autograd.grad(..., create_graph=True) followed by another backward pass) would "
+            "return a wrong number. Use backward='unrolled' for higher derivatives, or "
+            "implicit_layers.jax.fixed_point, whose implicit rule is exact to every order."
+        )
 
 
 class FixedPointLayer(nn.Module):
@@ -202,9 +248,6 @@ class FixedPointLayer(nn.Module):
         backward_solver_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        check_choice("solver", solver, SOLVERS)
-        check_choice("backward", backward, BACKWARD_MODES)
-        check_choice("backward_solver", backward_solver or solver, SOLVERS)
         self.f = f
         self.options = dict(
             solver=solver,
@@ -218,6 +261,7 @@ class FixedPointLayer(nn.Module):
             solver_options=solver_options,
             backward_solver_options=backward_solver_options,
         )
+        check_fixed_point_options(SOLVERS, BACKWARD_MODES, **self.options)
         self.last_result: Optional[SolverResult] = None
         self.last_backward_result: Optional[SolverResult] = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._loop import Map, solve_batched
+from ._validation import compute_dtype
 from .result import SolverResult
 
 
@@ -25,41 +26,34 @@ def batched_jacobian(f: Map, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         ``f(z)``, shape of ``z``.
     jacobian : torch.Tensor
         Shape (B, d, d) with ``d`` the number of elements of one sample: ``jacobian[b, i, j]`` is
-        ``d f(z)[b, i] / d z[b, j]`` on flattened samples. Built from ``d`` vector-Jacobian products batched with
-        ``vmap``; it stays on the autograd graph when autograd is recording, so Newton can be unrolled.
+        ``d f(z)[b, i] / d z[b, j]`` on flattened samples. Built from ``d`` Jacobian-vector products (forward
+        mode) batched with ``torch.func.vmap``, so ``f`` runs once on a stack of ``d`` tangents; forward mode,
+        unlike ``torch.func.vjp``, also works under saved-tensor hooks such as
+        :func:`~implicit_layers.torch.autograd_graph_bytes`. A map that does not depend on ``z`` has a zero
+        Jacobian. When autograd is recording the result stays on the graph, so Newton can be unrolled.
     """
-    differentiable = torch.is_grad_enabled()
-    batch, dim = z.shape[0], z[0].numel()
-    with torch.enable_grad():
-        point = z if z.requires_grad else z.detach().requires_grad_()
-        fz = f(point)
-        basis = torch.eye(dim, dtype=z.dtype, device=z.device).unsqueeze(1).expand(dim, batch, dim)
-        rows = torch.autograd.grad(
-            fz.reshape(batch, dim),
-            point,
-            basis,
-            is_grads_batched=True,
-            create_graph=differentiable,
-            allow_unused=True,
-        )[0]
-    if rows is None:  # f does not depend on z at all
-        rows = torch.zeros(dim, *z.shape, dtype=z.dtype, device=z.device)
-    jacobian = rows.reshape(dim, batch, dim).transpose(0, 1)
-    return (fz if differentiable else fz.detach()), (jacobian if differentiable else jacobian.detach())
+    batch, dim = z.flatten(1).shape
+    basis = torch.eye(dim, dtype=z.dtype, device=z.device).unsqueeze(1).expand(dim, batch, dim)
+    fz, columns = torch.func.vmap(lambda tangent: torch.func.jvp(f, (z,), (tangent,)), out_dims=(None, 0))(
+        basis.reshape(dim, *z.shape)
+    )
+    return fz, columns.reshape(dim, batch, dim).permute(1, 2, 0)
 
 
 def newton_step(f: Map, z: torch.Tensor) -> torch.Tensor:
     """One Newton step for ``f(z) - z = 0``: ``z - (J - I)^{-1} (f(z) - z)``, batched.
 
-    A sample whose matrix ``J - I`` is singular gets a NaN step, which the solver loop reports as a failure.
+    The linear system is solved in float32 at least (16-bit states are upcast for it). A sample whose matrix
+    ``J - I`` is singular gets a NaN step, which the solver loop reports as a failure.
     """
     fz, jacobian = batched_jacobian(f, z)
-    batch = z.shape[0]
-    identity = torch.eye(jacobian.shape[-1], dtype=z.dtype, device=z.device)
-    residual = (fz - z).reshape(batch, -1, 1)
-    delta, info = torch.linalg.solve_ex(jacobian - identity, residual)
+    batch, dtype = z.shape[0], compute_dtype(z.dtype)
+    jacobian = jacobian.to(dtype)
+    jacobian = jacobian - torch.eye(jacobian.shape[-1], dtype=dtype, device=z.device)
+    residual = (fz.to(dtype) - z.to(dtype)).reshape(batch, -1, 1)
+    delta, info = torch.linalg.solve_ex(jacobian, residual)
     delta = torch.where((info == 0).view(-1, 1, 1), delta, torch.full_like(delta, float("nan")))
-    return z - delta.reshape(z.shape)
+    return z - delta.reshape(z.shape).to(z.dtype)
 
 
 def newton(

@@ -16,10 +16,11 @@ class SolverResult:
     iterations : torch.Tensor
         Steps taken by each sample, shape (B,), int64. A sample stops as soon as it meets the tolerance.
     residuals : torch.Tensor
-        Residual trace, shape (T + 1, B): row 0 at the initial guess, row k after k steps of the loop. A sample
-        that has stopped keeps its last residual in later rows.
+        Residual trace, shape (T + 1, B), float32 for 16-bit states: row 0 at the initial guess, row k after k
+        steps of the loop. Every row comes from evaluating ``f`` on the whole batch as it stood, stopped samples
+        included, so the last row is each sample's true final residual.
     converged : torch.Tensor
-        Whether each sample met the tolerance, shape (B,), bool.
+        Whether each sample's final residual is below the tolerance, shape (B,), bool.
     failed : torch.Tensor
         Whether a sample stopped because a step produced NaN or Inf or a linear solve was singular, shape (B,).
     nfe : int

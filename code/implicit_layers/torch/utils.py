@@ -63,7 +63,8 @@ def autograd_graph_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
     storages = {}
     for reference in saved:
         tensor = reference()
-        if tensor is not None:
+        # Forward-mode AD (Newton's Jacobian) saves symbolic zeros, which own no memory and have no storage.
+        if tensor is not None and not tensor._is_zerotensor():
             storage = tensor.untyped_storage()
             storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
     return output, sum(storages.values())
