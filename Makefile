@@ -30,12 +30,25 @@ LAB_ARGS ?=
 # Kernels and subprocesses started by the build find the environment's tools first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: book notebooks test serve lab clean
+.PHONY: book notebooks test serve lab clean bench
 
 $(STAMP): requirements.txt code/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+# The benchmark compares our solvers with torchdeq, jaxopt and optimistix, which install into an environment
+# of their own, never into the book's. BENCH_ARGS passes options on, for example BENCH_ARGS=--quick.
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): benchmarks/requirements.txt code/pyproject.toml
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(BENCH_PY) -m pip install -r benchmarks/requirements.txt
 	touch $@
 
 # --all re-reads every page (executions come from the cache), so warnings from pages that did
@@ -49,6 +62,9 @@ notebooks: $(STAMP)
 
 test: $(STAMP)
 	BOOK_QUICK=1 $(PY) -m pytest code/tests
+
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) benchmarks/fixed_point.py $(BENCH_ARGS)
 
 serve:
 	@test -f $(OUTPUT)/_build/html/index.html || { echo "No site in $(OUTPUT)/_build/html: run 'make book' first." >&2; exit 1; }

@@ -137,7 +137,10 @@ def _report(name: str, result: SolverResult, drifted: jax.Array, *, tol: float, 
     if all(is_concrete(a) for a in flags):
         report(*flags, stacklevel=4)
     else:
-        # Under jit the values exist only on the device: report from there once the solve has run. A warning
-        # is issued as usual; with strict=True the ConvergenceError raised in the callback reaches the caller
+        # Under jit the values exist only on the device: report from there once the solve has run, and only
+        # when some sample missed, so a converged solve does not pay for a trip to the host. A warning is
+        # issued as usual; with strict=True the ConvergenceError raised in the callback reaches the caller
         # wrapped in a jax.errors.JaxRuntimeError that quotes its message (the solver docstrings say so).
-        jax.debug.callback(report, *flags)
+        jax.lax.cond(
+            jnp.all(result.converged), lambda *_: None, lambda *a: jax.debug.callback(report, *a), *flags
+        )

@@ -101,11 +101,11 @@ def anderson(
 
 def _mixing_weights(residuals: jax.Array, valid: jax.Array, ridge: float) -> jax.Array:
     """Anderson weights per sample, shape (B, m); the twin of the torch helper (invalid slots weigh 0, a
-    singular system gives non-finite weights)."""
+    converged sample gets uniform weights, a singular system gives non-finite weights)."""
     mask = valid.astype(residuals.dtype)
     gram = (residuals @ residuals.transpose(0, 2, 1)) * (mask[:, :, None] * mask[:, None, :])
-    scale = jnp.trace(gram, axis1=1, axis2=2) / mask.sum(axis=1)
-    scale = jnp.where(scale > 0, scale, 1.0)  # all residuals zero (converged): uniform weights, not 0/0
-    diagonal = jnp.where(valid, ridge * scale[:, None], 1.0)
-    weights = jnp.linalg.solve(gram + jax.vmap(jnp.diag)(diagonal), mask[..., None])[..., 0]
+    diagonal = jnp.diagonal(gram, axis1=1, axis2=2)
+    scale = diagonal.sum(axis=1, keepdims=True) / mask.sum(axis=1, keepdims=True)
+    system = gram + jax.vmap(jnp.diag)(ridge * jnp.where(scale > 0, scale, 1.0) * jnp.ones_like(mask))
+    weights = jnp.linalg.solve(system, mask[..., None])[..., 0]
     return weights / weights.sum(axis=1, keepdims=True)

@@ -72,10 +72,11 @@ def solve_batched(
     # build graphs that nothing uses.
     with torch.set_grad_enabled(fz.requires_grad):
         for _ in range(max_iter):
-            if not bool(active.any()):
+            running = int(active.sum())  # the loop's one host synchronization per step
+            if running == 0:
                 break
             proposal, state = update(counted, z, fz, state)
-            candidate = torch.where(per_sample(active, z), proposal, z)
+            candidate = proposal if running == len(active) else torch.where(per_sample(active, z), proposal, z)
             image = counted(candidate)
             new_residual = residual_norm(image, candidate)
             # A non-finite proposal or image makes the residual non-finite: one check covers both.

@@ -110,16 +110,14 @@ def _mixing_weights(residuals: torch.Tensor, valid: torch.Tensor, ridge: float) 
     subject to ``sum_i alpha_i = 1`` over the valid history slots; invalid slots get weight 0.
 
     The minimizer is ``alpha = (G G^T + lambda I)^{-1} 1`` normalized to sum to one, with ``lambda`` equal to
-    ``ridge`` times the mean squared residual of the valid slots. Invalid slots get an identity block and a zero
-    right-hand side. A singular system gives non-finite weights.
+    ``ridge`` times the mean squared residual of the valid slots (1 when they are all zero, so a converged
+    sample gets uniform weights instead of 0/0). Rows and columns of invalid slots are zeroed and their
+    right-hand side is 0, which gives them weight 0. A singular system gives non-finite weights.
     """
     mask = valid.to(residuals.dtype)
-    gram = (residuals @ residuals.transpose(1, 2)) * (mask.unsqueeze(2) * mask.unsqueeze(1))
-    scale = gram.diagonal(dim1=1, dim2=2).sum(dim=1) / mask.sum(dim=1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all residuals zero: uniform weights, not 0/0
-    diagonal = torch.where(valid, ridge * scale.unsqueeze(1), torch.ones_like(mask))
-    system = gram + torch.diag_embed(diagonal)
-    weights, info = torch.linalg.solve_ex(system, mask.unsqueeze(-1))
-    weights = weights.squeeze(-1)
-    alpha = weights / weights.sum(dim=1, keepdim=True)
-    return torch.where((info == 0).unsqueeze(1), alpha, torch.full_like(alpha, float("nan")))
+    gram = torch.bmm(residuals, residuals.transpose(1, 2)) * (mask.unsqueeze(2) * mask.unsqueeze(1))
+    diagonal = gram.diagonal(dim1=1, dim2=2)
+    scale = diagonal.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)
+    diagonal += ridge * torch.where(scale > 0, scale, 1.0)
+    weights = torch.linalg.solve_ex(gram, mask.unsqueeze(-1))[0].squeeze(-1)
+    return weights / weights.sum(dim=1, keepdim=True)
