@@ -126,7 +126,7 @@ def test_torch_implicit_second_derivative_refuses_instead_of_lying(loss):
     z = torch_scalar_solution(b, "implicit")
     output = z.sum() if loss == "linear" else (z**3).sum()
     (gradient,) = torch.autograd.grad(output, b, create_graph=True)
-    expected = first if loss == "linear" else 3 * float(z) ** 2 * first
+    expected = first if loss == "linear" else 3 * float(z.detach()) ** 2 * first
     assert float(gradient.detach()) == pytest.approx(expected, rel=1e-10)  # create_graph alone is fine
     with pytest.raises(UnsupportedDerivativeError, match="first order"):
         torch.autograd.grad(gradient.sum(), b)
