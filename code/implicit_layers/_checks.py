@@ -60,7 +60,7 @@ def _check_solver_options(name: str, options: Any, solver: Callable) -> dict:
         return {}
     if not isinstance(options, Mapping):
         raise TypeError(f"{name} must be a dict of keyword arguments, got {type(options).__name__}")
-    owned = {"tol": "tol", "max_iter": "max_iter", "strict": "strict", "unroll": "backward"}
+    owned = {"tol": "tol", "max_iter": "max_iter", "strict": "strict", "warn": "warn", "unroll": "backward"}
     if name.startswith("backward"):
         owned.update(tol="backward_tol", max_iter="backward_max_iter")
     parameters = inspect.signature(solver).parameters
@@ -88,6 +88,7 @@ def check_fixed_point_options(
     backward_tol: Any,
     backward_max_iter: Any,
     strict: Any,
+    warn: Any,
     solver_options: Any,
     backward_solver_options: Any,
 ) -> tuple[dict, dict]:
@@ -99,16 +100,16 @@ def check_fixed_point_options(
     forward : dict
         Keyword arguments of ``solvers[solver]``.
     backward : dict
-        ``solver`` (name), ``options``, ``tol`` (None for the dtype's default), ``max_iter`` and ``strict``
-        of the solves inside the derivative.
+        ``solver`` (name), ``options``, ``tol`` (None for the dtype's default), ``max_iter``, ``strict`` and
+        ``warn`` of the solves inside the derivative.
     """
     backward_solver = solver if backward_solver is None else backward_solver
     check_choice("solver", solver, solvers)
     check_choice("backward", backward, backward_modes)
     check_choice("backward_solver", backward_solver, solvers)
-    strict = check_flag("strict", strict)
+    strict, warn = check_flag("strict", strict), check_flag("warn", warn)
     forward = {**_check_solver_options("solver_options", solver_options, solvers[solver])}
-    forward.update(tol=check_tolerance("tol", tol), strict=strict)
+    forward.update(tol=check_tolerance("tol", tol), strict=strict, warn=warn)
     if max_iter is not None:
         forward["max_iter"] = check_iteration_limit("max_iter", max_iter)
     derivative = dict(
@@ -117,6 +118,7 @@ def check_fixed_point_options(
         tol=None if backward_tol is None else check_tolerance("backward_tol", backward_tol),
         max_iter=check_iteration_limit("backward_max_iter", backward_max_iter),
         strict=strict,
+        warn=warn,
     )
     return forward, derivative
 

@@ -354,6 +354,8 @@ BAD_OPTIONS = [
     (dict(backward_max_iter=0), ValueError, "backward_max_iter must be a positive integer"),
     (dict(backward_max_iter=2.5), ValueError, "backward_max_iter must be a positive integer"),
     (dict(strict="yes"), TypeError, "strict must be True or False"),
+    (dict(warn=None), TypeError, "warn must be True or False"),
+    (dict(solver_options={"warn": False}), ValueError, "argument 'warn'"),
     (dict(solver_options={"tol": 1e-3}), ValueError, "solver_options may not set 'tol'.*argument 'tol'"),
     (dict(solver_options={"max_iter": 3}), ValueError, "solver_options may not set 'max_iter'"),
     (dict(backward_solver_options={"tol": 1e-3}), ValueError, "argument 'backward_tol'"),
@@ -410,6 +412,26 @@ def test_a_map_that_ignores_the_state_solves_and_differentiates(solver, backward
     np.testing.assert_allclose(z_t.detach().numpy(), np.sin(theta), atol=1e-12)
     np.testing.assert_allclose(c_t.grad.numpy(), np.cos(theta), atol=1e-12)
     np.testing.assert_allclose(np.asarray(gradient_j), np.cos(theta), atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_warn_false_leaves_the_check_out_and_strict_still_raises(solver):
+    def f(z):  # one step of any method is far from a fixed point to 1e-12
+        return 0.9 * (torch.tanh(z) if isinstance(z, torch.Tensor) else jnp.tanh(z)) + 0.5
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        _, result_t = getattr(ilt, solver)(f, torch.zeros(2, 3), max_iter=1, tol=1e-12, warn=False)
+        _, result_j = jax.jit(lambda z0: getattr(ilj, solver)(f, z0, max_iter=1, tol=1e-12, warn=False))(
+            jnp.zeros((2, 3))
+        )
+        x = torch.ones(2, 3, requires_grad=True)
+        z, _ = ilt.fixed_point(lambda z: f(z) * x, torch.zeros(2, 3), solver=solver, max_iter=1, tol=1e-12,
+                               backward_max_iter=1, backward_tol=1e-12, warn=False)
+        z.sum().backward()
+    assert result_t.status == result_j.status == "max_iter"
+    with pytest.raises(ConvergenceError):
+        getattr(ilt, solver)(f, torch.zeros(2, 3), max_iter=1, tol=1e-12, warn=False, strict=True)
 
 
 def test_newtons_jacobian_evaluates_the_map_once():

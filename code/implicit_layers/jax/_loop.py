@@ -45,6 +45,7 @@ def solve_batched(
     tol: float,
     max_iter: int,
     strict: bool,
+    warn: bool,
     unroll: bool,
     init_state: Callable[[jax.Array], Any] = lambda z0: None,
 ) -> tuple[jax.Array, SolverResult]:
@@ -62,6 +63,7 @@ def solve_batched(
     tol = check_tolerance("tol", tol)
     max_iter = check_iteration_limit("max_iter", max_iter)
     strict = check_flag("strict", strict)
+    warn = check_flag("warn", warn)
     unroll = check_flag("unroll", unroll)
     batch = z0.shape[0]
 
@@ -101,7 +103,8 @@ def solve_batched(
             active=stepping & (residual >= tol),
             failed=state["failed"] | (active & broke),
             iterations=state["iterations"] + stepping,
-            trace=state["trace"].at[count].set(residual),
+            # A dynamic-update-slice, which XLA can do in place; .at[count].set would lower to a scatter.
+            trace=jax.lax.dynamic_update_index_in_dim(state["trace"], residual, count, 0),
             memory=memory,
         )
 
@@ -121,8 +124,9 @@ def solve_batched(
         nfe=1 + state["step"] * (1 + evaluations_per_update),
         num_steps=state["step"],
     )
-    drifted = (trace < tol).any(axis=0) & ~converged & ~state["failed"]
-    _report(name, result, drifted, tol=tol, max_iter=max_iter, strict=strict)
+    if warn or strict:
+        drifted = (trace < tol).any(axis=0) & ~converged & ~state["failed"]
+        _report(name, result, drifted, tol=tol, max_iter=max_iter, strict=strict)
     return state["z"], result
 
 

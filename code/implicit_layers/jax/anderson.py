@@ -21,6 +21,7 @@ def anderson(
     tol: float = 1e-5,
     max_iter: int = 100,
     strict: bool = False,
+    warn: bool = True,
     unroll: bool = False,
 ) -> tuple[jax.Array, SolverResult]:
     """Find a fixed point ``z = f(z)`` of a batched map with Anderson acceleration.
@@ -43,7 +44,7 @@ def anderson(
         Relative Tikhonov regularization of the least-squares problem for the weights.
     damping : float
         Mixing parameter ``beta`` in (0, 1].
-    tol, max_iter, strict, unroll
+    tol, max_iter, strict, warn, unroll
         As in :func:`implicit_layers.jax.forward_iteration`.
 
     Returns
@@ -94,6 +95,7 @@ def anderson(
         tol=tol,
         max_iter=max_iter,
         strict=strict,
+        warn=warn,
         unroll=unroll,
         init_state=init_state,
     )

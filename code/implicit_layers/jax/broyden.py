@@ -19,6 +19,7 @@ def broyden(
     tol: float = 1e-5,
     max_iter: int = 100,
     strict: bool = False,
+    warn: bool = True,
     unroll: bool = False,
 ) -> tuple[jax.Array, SolverResult]:
     """Find a fixed point ``z = f(z)`` of a batched map with limited-memory ("good") Broyden.
@@ -36,7 +37,7 @@ def broyden(
         Initial guess, shape (B, ...), floating point.
     m : int
         Number of rank-one updates kept.
-    tol, max_iter, strict, unroll
+    tol, max_iter, strict, warn, unroll
         As in :func:`implicit_layers.jax.forward_iteration`.
 
     Returns
@@ -87,6 +88,7 @@ def broyden(
         tol=tol,
         max_iter=max_iter,
         strict=strict,
+        warn=warn,
         unroll=unroll,
         init_state=init_state,
     )

@@ -35,6 +35,7 @@ def fixed_point(
     backward_tol: Optional[float] = None,
     backward_max_iter: int = 200,
     strict: bool = False,
+    warn: bool = True,
     solver_options: Optional[dict[str, Any]] = None,
     backward_solver_options: Optional[dict[str, Any]] = None,
 ) -> tuple[jax.Array, SolverResult]:
@@ -77,6 +78,9 @@ def fixed_point(
         :func:`implicit_layers.jax.forward_iteration` for what changes. The linear solves of a derivative are
         always traced (inside ``lax.custom_linear_solve``), so their failures arrive that way even without
         ``jit``: as a ``jax.errors.JaxRuntimeError`` quoting the ``ConvergenceError``.
+    warn : bool
+        Warn when a solve does not converge; ``False`` leaves the check out (see
+        :func:`implicit_layers.jax.forward_iteration` for its cost under ``jit``).
     solver_options, backward_solver_options : dict, optional
         Extra keyword arguments of the forward and the linear solvers (for example ``{"m": 6}`` for Anderson).
 
@@ -112,6 +116,7 @@ def fixed_point(
         backward_tol=backward_tol,
         backward_max_iter=backward_max_iter,
         strict=strict,
+        warn=warn,
         solver_options=solver_options,
         backward_solver_options=backward_solver_options,
     )
@@ -127,6 +132,7 @@ def fixed_point(
         tol=derivative["tol"] or float(jnp.finfo(z_star.dtype).eps) ** 0.5,
         max_iter=derivative["max_iter"],
         strict=derivative["strict"],
+        warn=derivative["warn"],
     )
     return _implicit_solution(f, linear_solve, z_star, result.failed, theta), result
 
@@ -154,7 +160,7 @@ def _implicit_solution_jvp(f, linear_solve, primals, tangents):
     return z_star, jnp.where(per_sample(failed, z_dot), 0.0, z_dot)
 
 
-def _solve_linear_fixed_point(solver, one_minus_a, b, *, options, tol, max_iter, strict):
+def _solve_linear_fixed_point(solver, one_minus_a, b, *, options, tol, max_iter, strict, warn):
     """Solve ``(I - A) x = b`` as the fixed point ``x = A x + b``, given ``x -> (I - A) x``; the same function
     serves the transposed system, for which JAX passes ``x -> (I - A)^T x``.
 
@@ -164,6 +170,8 @@ def _solve_linear_fixed_point(solver, one_minus_a, b, *, options, tol, max_iter,
     norms = jnp.linalg.norm(flat(b), axis=1)
     scale = per_sample(jnp.where(norms > 0, norms, 1.0), b)
     rhs = b / scale
-    x, result = solver(lambda x: x - one_minus_a(x) + rhs, rhs, **options, tol=tol, max_iter=max_iter, strict=strict)
+    x, result = solver(
+        lambda x: x - one_minus_a(x) + rhs, rhs, **options, tol=tol, max_iter=max_iter, strict=strict, warn=warn
+    )
     return jnp.where(per_sample(result.failed, x), 0.0, x * scale)
 

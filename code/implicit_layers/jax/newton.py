@@ -47,7 +47,14 @@ def newton_step(f: Map, z: jax.Array) -> jax.Array:
 
 
 def newton(
-    f: Map, z0: jax.Array, *, tol: float = 1e-5, max_iter: int = 20, strict: bool = False, unroll: bool = False
+    f: Map,
+    z0: jax.Array,
+    *,
+    tol: float = 1e-5,
+    max_iter: int = 20,
+    strict: bool = False,
+    warn: bool = True,
+    unroll: bool = False,
 ) -> tuple[jax.Array, SolverResult]:
     """Find a fixed point ``z = f(z)`` of a batched map with Newton's method.
 
@@ -66,13 +73,8 @@ def newton(
         Absolute tolerance on each sample's residual ``||f(z) - z||_2``.
     max_iter : int
         Most Newton steps per sample.
-    strict : bool
-        Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
-        Under ``jax.jit`` the values are known only after the solve, so the check runs in a host callback:
-        the error then reaches the caller as a ``jax.errors.JaxRuntimeError`` whose message contains the
-        ``ConvergenceError`` and its text (JAX also logs the callback's traceback to stderr), and a ``z0``
-        with NaN or Inf, which the argument checks cannot see under ``jit``, is reported as failed samples
-        (status ``"diverged"``) rather than as an error.
+    strict, warn : bool
+        As in :func:`implicit_layers.jax.forward_iteration`.
     unroll : bool
         Run a fixed ``max_iter``-step ``lax.scan`` that reverse-mode autodiff can differentiate through
         (unrolled Newton), instead of an early-stopping ``lax.while_loop``.
@@ -98,6 +100,7 @@ def newton(
         tol=tol,
         max_iter=max_iter,
         strict=strict,
+        warn=warn,
         unroll=unroll,
     )
 

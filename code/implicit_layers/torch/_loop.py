@@ -35,6 +35,7 @@ def solve_batched(
     tol: float,
     max_iter: int,
     strict: bool,
+    warn: bool = True,
     state: Any = None,
 ) -> tuple[torch.Tensor, SolverResult]:
     """Iterate ``z <- update(f, z, f(z), state)`` on each sample until its residual ``||f(z) - z||`` drops
@@ -51,6 +52,7 @@ def solve_batched(
     tol = check_tolerance("tol", tol)
     max_iter = check_iteration_limit("max_iter", max_iter)
     strict = check_flag("strict", strict)
+    warn = check_flag("warn", warn)
 
     nfe = 0
 
@@ -101,6 +103,8 @@ def solve_batched(
         failed=failed,
         nfe=nfe,
     )
+    if not (warn or strict):
+        return z, result
     report_convergence(
         name,
         *(flags.cpu().numpy() for flags in (converged, residual, failed, drifted)),

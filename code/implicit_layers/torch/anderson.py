@@ -20,6 +20,7 @@ def anderson(
     tol: float = 1e-5,
     max_iter: int = 100,
     strict: bool = False,
+    warn: bool = True,
 ) -> tuple[torch.Tensor, SolverResult]:
     """Find a fixed point ``z = f(z)`` of a batched map with Anderson acceleration.
 
@@ -51,6 +52,8 @@ def anderson(
         Most steps per sample.
     strict : bool
         Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
+    warn : bool
+        As in :func:`implicit_layers.torch.forward_iteration`.
 
     Returns
     -------
@@ -102,7 +105,9 @@ def anderson(
         valid = torch.where(usable, valid, newest)
         return proposal, (images, residuals, valid, slot_masks, count + 1)
 
-    return solve_batched("anderson", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, state=None)
+    return solve_batched(
+        "anderson", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, warn=warn, state=None
+    )
 
 
 def _mixing_weights(residuals: torch.Tensor, valid: torch.Tensor, ridge: float) -> torch.Tensor:

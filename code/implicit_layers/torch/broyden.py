@@ -11,7 +11,14 @@ from .result import SolverResult
 
 
 def broyden(
-    f: Map, z0: torch.Tensor, *, m: int = 30, tol: float = 1e-5, max_iter: int = 100, strict: bool = False
+    f: Map,
+    z0: torch.Tensor,
+    *,
+    m: int = 30,
+    tol: float = 1e-5,
+    max_iter: int = 100,
+    strict: bool = False,
+    warn: bool = True,
 ) -> tuple[torch.Tensor, SolverResult]:
     """Find a fixed point ``z = f(z)`` of a batched map with limited-memory ("good") Broyden.
 
@@ -37,6 +44,8 @@ def broyden(
         Most steps per sample.
     strict : bool
         Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
+    warn : bool
+        As in :func:`implicit_layers.torch.forward_iteration`.
 
     Returns
     -------
@@ -84,7 +93,9 @@ def broyden(
         step = -_apply(us, vs, g)
         return (zf + step).reshape(z.shape).to(z.dtype), (zf, g, us, vs, count + 1)
 
-    return solve_batched("broyden", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, state=None)
+    return solve_batched(
+        "broyden", f, z0, update, tol=tol, max_iter=max_iter, strict=strict, warn=warn, state=None
+    )
 
 
 def _apply(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

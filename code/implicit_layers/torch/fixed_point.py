@@ -35,6 +35,7 @@ def fixed_point(
     backward_tol: Optional[float] = None,
     backward_max_iter: int = 200,
     strict: bool = False,
+    warn: bool = True,
     solver_options: Optional[dict[str, Any]] = None,
     backward_solver_options: Optional[dict[str, Any]] = None,
     backward_callback: Optional[Callable[[SolverResult], None]] = None,
@@ -73,6 +74,9 @@ def fixed_point(
         Iteration limit of the adjoint solve.
     strict : bool
         Raise instead of warning when the forward or the adjoint solve does not converge.
+    warn : bool
+        Warn when the forward or the adjoint solve does not converge; ``False`` skips the check (see
+        :func:`forward_iteration`).
     solver_options, backward_solver_options : dict, optional
         Extra keyword arguments of the forward and adjoint solvers (for example ``{"m": 6}`` for Anderson).
     backward_callback : callable, optional
@@ -114,6 +118,7 @@ def fixed_point(
         backward_tol=backward_tol,
         backward_max_iter=backward_max_iter,
         strict=strict,
+        warn=warn,
         solver_options=solver_options,
         backward_solver_options=backward_solver_options,
     )
@@ -161,6 +166,7 @@ def fixed_point(
                 tol=relative_tol,
                 max_iter=derivative["max_iter"],
                 strict=derivative["strict"],
+                warn=derivative["warn"],
             )
         if backward_callback is not None:
             backward_callback(adjoint_result)
@@ -204,7 +210,7 @@ class FixedPointLayer(nn.Module):
     f : nn.Module
         Called as ``f(z, x)``; maps a batch of states and inputs to a batch of states shaped like ``z``, acting
         on each sample independently. Its parameters are the layer's parameters.
-    solver, backward, backward_solver, tol, max_iter, backward_tol, backward_max_iter, strict
+    solver, backward, backward_solver, tol, max_iter, backward_tol, backward_max_iter, strict, warn
         As in :func:`fixed_point`.
     solver_options, backward_solver_options
         As in :func:`fixed_point`.
@@ -244,6 +250,7 @@ class FixedPointLayer(nn.Module):
         backward_tol: Optional[float] = None,
         backward_max_iter: int = 200,
         strict: bool = False,
+        warn: bool = True,
         solver_options: Optional[dict[str, Any]] = None,
         backward_solver_options: Optional[dict[str, Any]] = None,
     ) -> None:
@@ -258,6 +265,7 @@ class FixedPointLayer(nn.Module):
             backward_tol=backward_tol,
             backward_max_iter=backward_max_iter,
             strict=strict,
+            warn=warn,
             solver_options=solver_options,
             backward_solver_options=backward_solver_options,
         )

@@ -57,7 +57,7 @@ def newton_step(f: Map, z: torch.Tensor) -> torch.Tensor:
 
 
 def newton(
-    f: Map, z0: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 20, strict: bool = False
+    f: Map, z0: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 20, strict: bool = False, warn: bool = True
 ) -> tuple[torch.Tensor, SolverResult]:
     """Find a fixed point ``z = f(z)`` of a batched map with Newton's method.
 
@@ -78,8 +78,8 @@ def newton(
         Absolute tolerance on each sample's residual ``||f(z) - z||_2``.
     max_iter : int
         Most Newton steps per sample.
-    strict : bool
-        Raise :class:`~implicit_layers.errors.ConvergenceError` instead of warning when a sample does not converge.
+    strict, warn : bool
+        As in :func:`implicit_layers.torch.forward_iteration`.
 
     Returns
     -------
@@ -94,7 +94,7 @@ def newton(
     ConvergenceWarning
         When some sample does not reach ``tol``; the message gives the largest residual reached.
     """
-    return solve_batched("newton", f, z0, _newton_update, tol=tol, max_iter=max_iter, strict=strict)
+    return solve_batched("newton", f, z0, _newton_update, tol=tol, max_iter=max_iter, strict=strict, warn=warn)
 
 
 def _newton_update(f: Map, z: torch.Tensor, fz: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:

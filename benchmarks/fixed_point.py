@@ -1,0 +1,304 @@
+"""Time our batched fixed-point solvers beside torchdeq, jaxopt and optimistix on the same problems.
+
+Every library solves the same float32 tanh layers (see ``fixed_point_problem.py``) to comparable accuracy; every
+answer is checked against a float64 reference, and the table gives the residual and errors each one reached
+next to its time. Run it in the benchmark environment, which ``make bench`` builds::
+
+    python benchmarks/fixed_point.py [--quick] [--repeats N] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import implicit_layers
+import torch
+
+import fixed_point_jax
+import fixed_point_torch
+from fixed_point_torch import METHODS
+from fixed_point_problem import INPUT_SCALE, TASKS, Case, Problem, Settings, accuracy, make_problems
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WARMUPS = 2
+"""Calls before the timed repeats; the first is timed on its own (for JAX: compilation and one run)."""
+PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "torchdeq", "jaxopt", "optimistix", "equinox", "lineax")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table: a case on one problem and task."""
+
+    case: Case
+    problem: str
+    task: str
+    steps: Optional[int] = None
+    residual: Optional[float] = None
+    z_error: Optional[float] = None
+    grad_error: Optional[float] = None
+    first_call_s: Optional[float] = None
+    median_ms: Optional[float] = None
+    ratio: str = ""
+    note: str = ""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: n=32, batch 8, 2 repeats")
+    parser.add_argument("--repeats", type=int, help="timed calls per case after the warm-ups (default 7, quick 2)")
+    parser.add_argument("--out", type=Path, help="markdown file for the results (default: under benchmarks/results)")
+    args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 7
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.out is None:
+        label = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-quick" if args.quick else "")
+        args.out = RESULTS / f"fixed_point-{label}.md"
+    return args
+
+
+def measure(case: Case, problem: Problem, settings: Settings, task: str, repeats: int) -> Row:
+    """Time one case: the first call alone, the rest of the warm-ups untimed, then the median of ``repeats``
+    calls; the first call's answer is checked against the reference. A failure becomes a note in the row."""
+    row = Row(case, problem.name, task)
+    if case.unavailable:
+        return replace(row, note=case.unavailable)
+    try:
+        run = case.prepare(problem, settings, task)
+        start = time.perf_counter()
+        first = run.call()
+        first_call_s = time.perf_counter() - start
+        for _ in range(WARMUPS - 1):
+            run.call()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run.call()
+            times.append(time.perf_counter() - start)
+        outcome = run.unpack(first)
+    except Exception as error:  # a peer's failure is a result to report, not a reason to stop the others
+        return replace(row, note=f"failed: {type(error).__name__}: {error}".replace("\n", " ")[:300])
+    checked = accuracy(problem, outcome.z, outcome.grads)
+    return replace(
+        row,
+        steps=outcome.steps,
+        residual=checked.residual,
+        z_error=checked.z_error,
+        grad_error=checked.grad_error,
+        first_call_s=first_call_s,
+        median_ms=1e3 * statistics.median(times),
+        # A solver's own float32 residual has rounding errors of a few percent of tol, so only a clear excess of
+        # the float64 residual says that a sample did not converge.
+        note="not converged: residual > 2 tol" if checked.residual > 2 * settings.tol else "",
+    )
+
+
+def with_ratios(rows: list[Row]) -> list[Row]:
+    """Fill "time / same-method peer" in our rows: against each peer with the same method, framework, problem and
+    task; our torch Newton, which has no torch peer, against optimistix's Newton in JAX."""
+    peers = [r for r in rows if r.case.library != "ours" and r.median_ms is not None]
+
+    def ratio(row: Row) -> str:
+        if row.case.library != "ours" or row.median_ms is None:
+            return ""
+        parts = []
+        for peer in peers:
+            same_work = (peer.case.method, peer.problem, peer.task) == (row.case.method, row.problem, row.task)
+            same_framework = peer.case.framework == row.case.framework
+            if same_work and (same_framework or row.case.method == "newton"):
+                label = peer.case.library if same_framework else f"{peer.case.library}, {peer.case.framework}"
+                parts.append(f"{row.median_ms / peer.median_ms:.2f} ({label})")
+        return ", ".join(parts)
+
+    return [replace(row, ratio=ratio(row)) for row in rows]
+
+
+def results_table(rows: list[Row]) -> str:
+    """The results as a markdown table."""
+    header = (
+        "| problem | task | framework | library | method | steps | max residual | z error | grad rel. error "
+        "| first call (s) | median (ms) | time / same-method peer | note |"
+    )
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in rows:
+        cells = [
+            r.problem, r.task, r.case.framework, r.case.library, r.case.method,
+            "" if r.steps is None else str(r.steps),
+            _number(r.residual), _number(r.z_error), _number(r.grad_error),
+            "" if r.first_call_s is None else f"{r.first_call_s:.2f}",
+            "" if r.median_ms is None else f"{r.median_ms:.3g}",
+            r.ratio, r.note,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.1e}"
+
+
+def settings_table(cases: list[Case]) -> str:
+    """What each case was given beyond the shared settings."""
+    lines = ["| framework | library | method | options |", "|---|---|---|---|"]
+    lines += [f"| {c.framework} | {c.library} | {c.method} | {c.settings or c.unavailable or ''} |" for c in cases]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str]:
+    """CPU, cores, OS, thread counts and load: what a reader needs to compare two results files."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux only; platform.processor() is often empty there
+    if cpuinfo.exists():
+        models = [line.split(":", 1)[1] for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = models[0].strip() if models else cpu
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return {
+        "CPU": cpu,
+        "cores": str(os.cpu_count()),
+        "OS": platform.platform(),
+        "python": platform.python_version(),
+        "torch threads": str(torch.get_num_threads()),
+        "load average (1, 5, 15 min) before the run": load,
+    }
+
+
+def cpu_seconds() -> Optional[tuple[float, float]]:
+    """CPU seconds used so far by the whole machine and by this process; None where ``/proc/stat`` is missing."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    # The first line sums all cores: user nice system idle iowait irq softirq steal ...; idle and iowait are not work.
+    ticks = [int(value) for value in stat.read_text().split("\n", 1)[0].split()[1:9]]
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def others_share(start: Optional[tuple[float, float]], wall_s: float) -> str:
+    """The share of the machine's cores that other processes used since ``start``: the load average cannot tell
+    them from the benchmark itself, and they are what makes timings noisy."""
+    end = cpu_seconds()
+    if start is None or end is None:
+        return "unknown (no /proc/stat)"
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return f"{max(others, 0.0) / (wall_s * os.cpu_count()):.0%} of all cores, over the {wall_s:.0f} s run"
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the frameworks and peers, and which copy of our package was measured."""
+    found = {}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    found["implicit_layers"] = our_package()
+    return found
+
+
+def our_package() -> str:
+    """The directory our package was imported from and its git commit (the before/after runs differ here)."""
+    source = Path(implicit_layers.__file__).resolve().parent
+    git = ["git", "-C", str(source)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return f"{source} (not in a git checkout)"
+    changes = " with uncommitted changes" if dirty.stdout.strip() else ""
+    return f"{source} at commit {commit.stdout.strip()}{changes}"
+
+
+def report(args, settings: Settings, n: int, batch: int, cases: list[Case], rows: list[Row], info: dict) -> str:
+    """The whole results file."""
+    listing = lambda d: "\n".join(f"- {key}: {value}" for key, value in d.items())  # noqa: E731
+    return f"""# Fixed-point solvers: ours beside torchdeq, jaxopt and optimistix
+
+`python benchmarks/fixed_point.py {' '.join(sys.argv[1:])}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
+
+## Machine
+{listing(info)}
+
+## Versions
+{listing(versions())}
+
+## Problems and settings
+- `f(z) = tanh(z W^T + x)`, n = {n}, batch {batch}, float32, `z0 = 0`; `x ~ N(0, {INPUT_SCALE}^2)`. "easy": Gaussian
+  `W` scaled to spectral norm 0.5; "hard": symmetric `W` scaled to spectral norm 0.9.
+- "forward": solve only. "gradient": solve and `d/d(W, x)` of `sum(z* * c)` by the implicit function theorem.
+- Tolerance {settings.tol:g} on every sample's `||f(z) - z||_2`, in each library's terms: ours per sample; torchdeq
+  `stop_mode="abs"` (largest per-sample norm in the batch); jaxopt and optimistix `vmap`-ed, one solve per sample,
+  optimistix with `rtol=0, atol=tol, norm=two_norm` (its default is a max norm with relative part).
+- No library checks convergence after the solve (ours `warn=False`, optimistix `throw=False`; torchdeq and jaxopt
+  have no such check): the accuracy columns are the check.
+- Iteration limit {settings.max_iter} ({settings.newton_max_iter} for Newton), forward and backward. Anderson
+  m = {settings.anderson_m}; ours with ridge {settings.anderson_ridge:g} times the history's mean squared residual,
+  the peers with an absolute ridge of {settings.peer_anderson_ridge:g} (= tol^2: a larger absolute ridge outweighs
+  the Gram matrix near convergence, and Anderson then slows to averaged plain iteration). Broyden memory
+  {settings.broyden_m}.
+- Backward: ours and torchdeq solve the adjoint fixed point with the forward method; ours to
+  {settings.backward_rtol:g} relative to each sample's `||c_b||`, torchdeq to the absolute
+  `{settings.backward_rtol:g} * min_b ||c_b||`; jaxopt by conjugate gradients on the normal equations (its default)
+  to relative {settings.backward_rtol:g}; optimistix by a dense LU solve (the default of `ImplicitAdjoint`).
+- Checked against a float64 Newton solve (residual < 1e-12) and the float64 implicit-function-theorem gradient:
+  "max residual" is the largest `||f(z) - z||_2` over samples, evaluated in float64 at the `z` the library
+  returned; "z error" the largest `||z - z_ref||_2`; "grad rel. error" the larger of the relative Frobenius errors
+  of `dL/dW` and `dL/dx`. "steps" is the solver's own count (torchdeq: the step of its best iterate, per sample).
+- Timing: wall clock; the first call alone (JAX: compilation + one run), {WARMUPS - 1} more warm-up call, then the
+  median of {args.repeats} calls (JAX results blocked on). torch threads left at their default. "time / same-method
+  peer": our median over the peer's, above 1 where ours is slower.
+
+## Results
+{results_table(rows)}
+
+## Options per case
+{settings_table(cases)}
+"""
+
+
+def _table_order(case: Case) -> tuple:
+    """Torch before JAX, then by method, ours first among the libraries with that method."""
+    return (case.framework != "torch", METHODS.index(case.method), case.library != "ours", case.library)
+
+
+def main() -> None:
+    args = parse_args()
+    settings = Settings()
+    n, batch = (32, 8) if args.quick else (256, 64)
+    info = machine()
+    if os.getloadavg()[0] > 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.2f}: other work shares the CPU, timings will be noisy",
+              file=sys.stderr)
+    print(f"implicit_layers from {our_package()}", file=sys.stderr)
+    start, started = cpu_seconds(), time.perf_counter()
+    problems = make_problems(n, batch)
+    cases = sorted(fixed_point_torch.cases(settings) + fixed_point_jax.cases(settings), key=_table_order)
+    rows = []
+    for problem in problems:
+        for task in TASKS:
+            for case in cases:
+                rows.append(measure(case, problem, settings, task, args.repeats))
+                print(f"{problem.name} {task} {case.framework} {case.library} {case.method}: "
+                      f"{rows[-1].median_ms or 0:.1f} ms {rows[-1].note}", file=sys.stderr, flush=True)
+    info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
+    text = report(args, settings, n, batch, cases, with_ratios(rows), info)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    print(f"written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
