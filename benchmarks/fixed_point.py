@@ -57,11 +57,11 @@ class Row:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: n=32, batch 8, 2 repeats")
-    parser.add_argument("--repeats", type=int, help="timed calls per case after the warm-ups (default 7, quick 2)")
+    parser.add_argument("--repeats", type=int, help="timed rounds after the warm-ups (default 15, quick 2)")
     parser.add_argument("--out", type=Path, help="markdown file for the results (default: under benchmarks/results)")
     args = parser.parse_args()
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 7
+        args.repeats = 2 if args.quick else 15
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.out is None:
@@ -70,40 +70,56 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def measure(case: Case, problem: Problem, settings: Settings, task: str, repeats: int) -> Row:
-    """Time one case: the first call alone, the rest of the warm-ups untimed, then the median of ``repeats``
-    calls; the first call's answer is checked against the reference. A failure becomes a note in the row."""
-    row = Row(case, problem.name, task)
-    if case.unavailable:
-        return replace(row, note=case.unavailable)
-    try:
-        run = case.prepare(problem, settings, task)
-        start = time.perf_counter()
-        first = run.call()
-        first_call_s = time.perf_counter() - start
-        for _ in range(WARMUPS - 1):
-            run.call()
-        times = []
-        for _ in range(repeats):
+def measure_group(cases: list[Case], problem: Problem, settings: Settings, task: str, repeats: int) -> list[Row]:
+    """Time the cases of one method side by side: each case's first call alone, its other warm-ups untimed, then
+    ``repeats`` rounds in which every case runs once, so that a slow spell of the machine hits all of them alike;
+    the median per case. The first call's answer is checked against the reference. A failure becomes a note."""
+    rows, runs, firsts = {}, {}, {}
+    for case in cases:
+        rows[case] = Row(case, problem.name, task)
+        if case.unavailable:
+            rows[case] = replace(rows[case], note=case.unavailable)
+            continue
+        try:
+            run = case.prepare(problem, settings, task)
             start = time.perf_counter()
-            run.call()
-            times.append(time.perf_counter() - start)
+            firsts[case] = (run.call(), time.perf_counter() - start)
+            for _ in range(WARMUPS - 1):
+                run.call()
+            runs[case] = run
+        except Exception as error:  # a peer's failure is a result to report, not a reason to stop the others
+            rows[case] = _failed(rows[case], error)
+    times = {case: [] for case in runs}
+    for _ in range(repeats):
+        for case, run in list(runs.items()):
+            try:
+                start = time.perf_counter()
+                run.call()
+                times[case].append(time.perf_counter() - start)
+            except Exception as error:
+                rows[case] = _failed(rows[case], error)
+                del runs[case]
+    for case, run in runs.items():
+        first, first_call_s = firsts[case]
         outcome = run.unpack(first)
-    except Exception as error:  # a peer's failure is a result to report, not a reason to stop the others
-        return replace(row, note=f"failed: {type(error).__name__}: {error}".replace("\n", " ")[:300])
-    checked = accuracy(problem, outcome.z, outcome.grads)
-    return replace(
-        row,
-        steps=outcome.steps,
-        residual=checked.residual,
-        z_error=checked.z_error,
-        grad_error=checked.grad_error,
-        first_call_s=first_call_s,
-        median_ms=1e3 * statistics.median(times),
-        # A solver's own float32 residual has rounding errors of a few percent of tol, so only a clear excess of
-        # the float64 residual says that a sample did not converge.
-        note="not converged: residual > 2 tol" if checked.residual > 2 * settings.tol else "",
-    )
+        checked = accuracy(problem, outcome.z, outcome.grads)
+        rows[case] = replace(
+            rows[case],
+            steps=outcome.steps,
+            residual=checked.residual,
+            z_error=checked.z_error,
+            grad_error=checked.grad_error,
+            first_call_s=first_call_s,
+            median_ms=1e3 * statistics.median(times[case]),
+            # A solver's own float32 residual has rounding errors of a few percent of tol, so only a clear excess
+            # of the float64 residual says that a sample did not converge.
+            note="not converged: residual > 2 tol" if checked.residual > 2 * settings.tol else "",
+        )
+    return [rows[case] for case in cases]
+
+
+def _failed(row: Row, error: Exception) -> Row:
+    return replace(row, note=f"failed: {type(error).__name__}: {error}".replace("\n", " ")[:300])
 
 
 def with_ratios(rows: list[Row]) -> list[Row]:
@@ -256,9 +272,10 @@ def report(args, settings: Settings, n: int, batch: int, cases: list[Case], rows
   "max residual" is the largest `||f(z) - z||_2` over samples, evaluated in float64 at the `z` the library
   returned; "z error" the largest `||z - z_ref||_2`; "grad rel. error" the larger of the relative Frobenius errors
   of `dL/dW` and `dL/dx`. "steps" is the solver's own count (torchdeq: the step of its best iterate, per sample).
-- Timing: wall clock; the first call alone (JAX: compilation + one run), {WARMUPS - 1} more warm-up call, then the
-  median of {args.repeats} calls (JAX results blocked on). torch threads left at their default. "time / same-method
-  peer": our median over the peer's, above 1 where ours is slower.
+- Timing: wall clock; the first call alone (JAX: compilation + one run), {WARMUPS - 1} more warm-up call, then
+  {args.repeats} rounds in which every library's solver of the same method and framework runs once, in turn, so
+  that a slow spell of the machine hits them alike; the median per solver (JAX results blocked on). torch threads left at
+  their default. "time / same-method peer": our median over the peer's, above 1 where ours is slower.
 
 ## Results
 {results_table(rows)}
@@ -288,10 +305,17 @@ def main() -> None:
     rows = []
     for problem in problems:
         for task in TASKS:
-            for case in cases:
-                rows.append(measure(case, problem, settings, task, args.repeats))
-                print(f"{problem.name} {task} {case.framework} {case.library} {case.method}: "
-                      f"{rows[-1].median_ms or 0:.1f} ms {rows[-1].note}", file=sys.stderr, flush=True)
+            # Frameworks are timed apart: right after a torch call its OpenMP threads still spin on the cores
+            # for a while, which would slow whichever JAX solver ran next.
+            for framework, method in sorted({(c.framework, c.method) for c in cases}):
+                group = [c for c in cases if (c.framework, c.method) == (framework, method)]
+                group = measure_group(group, problem, settings, task, args.repeats)
+                for row in group:
+                    print(f"{problem.name} {task} {framework} {row.case.library} {method}: "
+                          f"{row.median_ms or 0:.1f} ms {row.note}", file=sys.stderr, flush=True)
+                rows += group
+    order = [problem.name for problem in problems]
+    rows.sort(key=lambda row: (order.index(row.problem), TASKS.index(row.task), _table_order(row.case)))
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
     text = report(args, settings, n, batch, cases, with_ratios(rows), info)
     args.out.parent.mkdir(parents=True, exist_ok=True)
