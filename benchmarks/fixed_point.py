@@ -273,9 +273,10 @@ def report(args, settings: Settings, n: int, batch: int, cases: list[Case], rows
   returned; "z error" the largest `||z - z_ref||_2`; "grad rel. error" the larger of the relative Frobenius errors
   of `dL/dW` and `dL/dx`. "steps" is the solver's own count (torchdeq: the step of its best iterate, per sample).
 - Timing: wall clock; the first call alone (JAX: compilation + one run), {WARMUPS - 1} more warm-up call, then
-  {args.repeats} rounds in which every library's solver of the same method and framework runs once, in turn, so
-  that a slow spell of the machine hits them alike; the median per solver (JAX results blocked on). torch threads left at
-  their default. "time / same-method peer": our median over the peer's, above 1 where ours is slower.
+  {args.repeats} rounds in which every library's solver of the same method and framework runs once, in turn,
+  so that a slow spell of the machine hits them alike; the median per solver (JAX results blocked on). torch
+  threads left at their default. "time / same-method peer": our median over the peer's, above 1 where ours is
+  slower.
 
 ## Results
 {results_table(rows)}
