@@ -243,7 +243,7 @@ def test_the_state_needs_a_batch_and_a_state_dimension(framework, solver):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_an_empty_batch_solves_and_differentiates_in_both_frameworks(solver):
     """Before, an empty batch worked in torch and was a ZeroDivisionError in JAX."""
-    W, x_np, _ = vector_problem()
+    W, _, _ = vector_problem()
     x_t = torch.zeros(0, 5, dtype=torch.float64, requires_grad=True)
     W_t = torch.tensor(W, requires_grad=True)
     z_t, result_t = ilt.fixed_point(lambda z: torch.tanh(z @ W_t.T + x_t), torch.zeros_like(x_t), solver=solver)
