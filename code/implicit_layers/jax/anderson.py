@@ -108,6 +108,6 @@ def _mixing_weights(residuals: jax.Array, valid: jax.Array, ridge: float) -> jax
     gram = (residuals @ residuals.transpose(0, 2, 1)) * (mask[:, :, None] * mask[:, None, :])
     diagonal = jnp.diagonal(gram, axis1=1, axis2=2)
     scale = diagonal.sum(axis=1, keepdims=True) / mask.sum(axis=1, keepdims=True)
-    system = gram + jax.vmap(jnp.diag)(ridge * jnp.where(scale > 0, scale, 1.0) * jnp.ones_like(mask))
+    system = gram + ridge * jnp.where(scale > 0, scale, 1.0)[:, :, None] * jnp.eye(mask.shape[1], dtype=gram.dtype)
     weights = jnp.linalg.solve(system, mask[..., None])[..., 0]
     return weights / weights.sum(axis=1, keepdims=True)

@@ -116,6 +116,12 @@ def solve_batched(
     return z, result
 
 
+def records_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd is recording operations on ``tensors``: a solver's memory must then be copied, not
+    updated in place, so that the graph keeps the values it saved."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
 def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """View per-sample ``values`` of shape (B,) so they broadcast against ``like`` of shape (B, ...)."""
     return values.view(-1, *([1] * (like.ndim - 1)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_iteration_limit, check_tolerance, check_unit_interval
-from ._loop import Map, solve_batched
+from ._loop import Map, records_graph, solve_batched
 from ._validation import compute_dtype
 from .result import SolverResult
 
@@ -82,7 +82,7 @@ def anderson(
         slot = count % m
         image = fz.reshape(batch, -1).to(dtype)
         residual = image - z.reshape(batch, -1).to(dtype)
-        if torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad):
+        if records_graph(z, fz):
             index = torch.tensor([slot], device=z.device)
             images = images.index_copy(1, index, image.unsqueeze(1))
             residuals = residuals.index_copy(1, index, residual.unsqueeze(1))

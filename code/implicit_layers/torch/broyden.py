@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_iteration_limit
-from ._loop import Map, solve_batched
+from ._loop import Map, records_graph, solve_batched
 from ._validation import compute_dtype
 from .result import SolverResult
 
@@ -68,8 +68,7 @@ def broyden(
             state = (None, None, zeros, zeros.clone(), 0)
         previous_z, previous_g, us, vs, count = state
         zf, g = z.reshape(batch, dim).to(dtype), (fz.to(dtype) - z.to(dtype)).reshape(batch, dim)
-        # Without a graph to keep intact, the memory is updated in place instead of copied every step.
-        in_place = not (torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad))
+        in_place = not records_graph(z, fz)
         if previous_z is not None:
             slot = (count - 1) % m
             if slot == 0:

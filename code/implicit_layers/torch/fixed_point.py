@@ -142,10 +142,8 @@ def fixed_point(
     def transposed_jacobian_product(h: torch.Tensor) -> torch.Tensor:
         if not f_leaf.requires_grad:  # f does not depend on the state: its Jacobian is zero
             return torch.zeros_like(h)
-        # create_graph only when a Newton backward solve differentiates this map to build J^T.
-        (vjp,) = torch.autograd.grad(
-            f_leaf, z_leaf, h, retain_graph=True, create_graph=torch.is_grad_enabled(), allow_unused=True
-        )
+        # A Newton backward solve needs no create_graph here: it differentiates this map in forward mode.
+        (vjp,) = torch.autograd.grad(f_leaf, z_leaf, h, retain_graph=True, allow_unused=True)
         return torch.zeros_like(h) if vjp is None else vjp
 
     def adjoint_gradient(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
