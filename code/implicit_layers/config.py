@@ -3,6 +3,11 @@
 import os
 
 QUICK_ENV_VAR = "BOOK_QUICK"
+STATIC_ENV_VAR = "BOOK_STATIC_OUTPUT"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
 
 
 def quick_mode() -> bool:
@@ -17,4 +22,14 @@ def quick_mode() -> bool:
     bool
         Whether quick mode is on.
     """
-    return os.environ.get(QUICK_ENV_VAR, "").strip().lower() in {"1", "true", "yes"}
+    return _env_flag(QUICK_ENV_VAR)
+
+
+def static_output() -> bool:
+    """Return True while the book build executes a chapter for a static web page.
+
+    The build sets the environment variable ``BOOK_STATIC_OUTPUT=1``; a static page can show neither a live
+    progress bar nor a widget, so cells leave them out there.
+    """
+    return _env_flag(STATIC_ENV_VAR)
+

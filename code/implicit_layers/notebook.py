@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+from .config import static_output
 
 
 def glue(name: str, value: Any, display: bool = True) -> None:
@@ -29,3 +32,29 @@ def glue(name: str, value: Any, display: bool = True) -> None:
             show(value)
         return
     myst_glue(name, value, display=display)
+
+
+def progress(iterable: Iterable | None = None, **tqdm_options: Any):
+    """A tqdm progress bar that suits where the chapter runs.
+
+    In Jupyter and Colab it is ``tqdm.auto``'s bar (a widget when ipywidgets is present); in a terminal, a
+    text bar; in the book build (:func:`implicit_layers.config.static_output`) it is disabled, because a static page would keep
+    only an empty widget or a smear of carriage returns.
+
+    Parameters
+    ----------
+    iterable : iterable, optional
+        What to iterate over, as for ``tqdm``.
+    **tqdm_options
+        Passed on to ``tqdm`` (``total``, ``desc``, ``unit``, ...).
+
+    Returns
+    -------
+    tqdm.std.tqdm
+        The bar; use it as an iterator or call ``update`` and ``set_postfix`` on it.
+    """
+    from tqdm.auto import tqdm
+
+    if static_output():
+        tqdm_options["disable"] = True
+    return tqdm(iterable, **tqdm_options)

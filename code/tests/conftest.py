@@ -1,5 +1,12 @@
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -16,3 +23,36 @@ def tanh_problem(batch=5, n=8, scale=0.5, dtype=torch.float64, device="cpu", see
 @pytest.fixture
 def problem():
     return tanh_problem()
+
+
+def book_config() -> dict:
+    return yaml.safe_load((REPO / "_config.yml").read_text())
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """``make book`` into a temporary folder, with execution off (the chapters' execution is
+    tested above). Returns the ``_build`` folder holding ``html`` and ``jupyter``."""
+    out = tmp_path_factory.mktemp("book")
+    config = book_config()
+    config["execute"]["execute_notebooks"] = "off"
+    sphinx = config["sphinx"]
+    # Relative extension paths are resolved next to the configuration file, now in `out`.
+    sphinx["local_extensions"] = {
+        name: str((REPO / path).resolve()) for name, path in sphinx["local_extensions"].items()
+    }
+    # Without execution there is nothing to glue; the real build checks glued values.
+    suppressed = sphinx["config"].setdefault("suppress_warnings", [])
+    suppressed += ["mystnb.glue", "mystnb.glue_ref"]
+    config_path = out / "_config.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        ["make", "book", f"OUTPUT={out}", f"JB_CONFIG={config_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "BOOK_QUICK": "1"},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return out / "_build"

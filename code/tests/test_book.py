@@ -19,7 +19,8 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO, book_config
+
 PLACEHOLDER = "@REPOSITORY_URL@"
 COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/[^\"'<>\s]+")
 CELL_TIMEOUT_S = 900
@@ -49,10 +50,6 @@ def is_notebook_page(docname: str) -> bool:
 
 
 CHAPTERS = [name for name in toc_docnames() if is_notebook_page(name)]
-
-
-def book_config() -> dict:
-    return yaml.safe_load((REPO / "_config.yml").read_text())
 
 
 def repository_url() -> str:
@@ -100,35 +97,6 @@ def test_preface_example_runs():
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO
         )
         assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """``make book`` into a temporary folder, with execution off (the chapters' execution is
-    tested above). Returns the ``_build`` folder holding ``html`` and ``jupyter``."""
-    out = tmp_path_factory.mktemp("book")
-    config = book_config()
-    config["execute"]["execute_notebooks"] = "off"
-    sphinx = config["sphinx"]
-    # Relative extension paths are resolved next to the configuration file, now in `out`.
-    sphinx["local_extensions"] = {
-        name: str((REPO / path).resolve()) for name, path in sphinx["local_extensions"].items()
-    }
-    # Without execution there is nothing to glue; the real build checks glued values.
-    suppressed = sphinx["config"].setdefault("suppress_warnings", [])
-    suppressed += ["mystnb.glue", "mystnb.glue_ref"]
-    config_path = out / "_config.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        ["make", "book", f"OUTPUT={out}", f"JB_CONFIG={config_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "BOOK_QUICK": "1"},
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return out / "_build"
 
 
 def test_every_page_has_a_valid_notebook(built):
