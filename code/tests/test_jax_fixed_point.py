@@ -195,7 +195,9 @@ def test_torch_and_jax_mirror_each_other():
     assert shared <= set(ilt.__all__) and shared <= set(ilj.__all__)
     assert set(ilt.SOLVERS) == set(ilj.SOLVERS)
     torch_only = set(ilt.__all__) - set(ilj.__all__)
-    assert torch_only == {"FixedPointLayer", "autograd_graph_bytes", "default_device", "seed_everything"}
+    assert torch_only == {"FixedPointLayer", "autograd_graph_bytes", "default_device", "peak_memory_bytes",
+                          "seed_everything"}
+    assert set(ilj.__all__) - set(ilt.__all__) == {"compiled_memory_bytes"}
 
 
 def test_derivative_defaults_and_failed_samples():

@@ -8,6 +8,7 @@ from .fixed_point import SOLVERS, fixed_point
 from .forward_iteration import forward_iteration
 from .newton import batched_jacobian, newton
 from .result import SolverResult
+from .utils import compiled_memory_bytes
 
 __all__ = [
     "SOLVERS",
@@ -18,6 +19,7 @@ __all__ = [
     "anderson",
     "batched_jacobian",
     "broyden",
+    "compiled_memory_bytes",
     "fixed_point",
     "forward_iteration",
     "newton",

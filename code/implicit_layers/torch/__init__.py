@@ -7,7 +7,7 @@ from .fixed_point import SOLVERS, FixedPointLayer, fixed_point
 from .forward_iteration import forward_iteration
 from .newton import batched_jacobian, newton
 from .result import SolverResult
-from .utils import autograd_graph_bytes, default_device, seed_everything
+from .utils import autograd_graph_bytes, default_device, peak_memory_bytes, seed_everything
 
 __all__ = [
     "SOLVERS",
@@ -24,5 +24,6 @@ __all__ = [
     "fixed_point",
     "forward_iteration",
     "newton",
+    "peak_memory_bytes",
     "seed_everything",
 ]
