@@ -4,7 +4,8 @@
   package, so math renders with no network; Sphinx's default loads it from a CDN.
 - Chapters are executed with ``BOOK_STATIC_OUTPUT=1`` (see :func:`implicit_layers.config.static_output`):
   a static page cannot run a widget, so chapters show their static fallbacks and no page needs the
-  widget manager (``nb_ipywidgets_js`` in ``_config.yml`` is empty).
+  widget manager (``nb_ipywidgets_js`` in ``_config.yml`` is empty). A page that still shows a
+  widget is reported as a warning, which fails ``make book``.
 - Each inline script is included once. Sphinx 7 writes an inline script registered after the
   builder starts (sphinx-thebe's ``const THEBE_JS_URL``, sphinx-togglebutton's selector) twice, and
   the second ``const`` declaration is a console error on every page.
@@ -23,6 +24,9 @@ from typing import Any
 from implicit_layers.config import STATIC_ENV_VAR
 from sphinx.application import Sphinx
 from sphinx.config import Config
+from sphinx.util import logging
+
+LOGGER = logging.getLogger(__name__)
 
 MATHJAX_DISTRIBUTION = "django-static-mathjax"
 # The package's copy of MathJax 3: es5/ is the browser build, the licence sits beside it.
@@ -32,6 +36,7 @@ MATHJAX_STATIC_DIR = "mathjax"
 MATHJAX_ENTRY_POINT = "tex-mml-chtml.js"
 TEMPLATES = Path(__file__).parent / "templates"
 VIEWPORT_META = '<meta name="viewport" content="width=device-width, initial-scale=1" />'
+WIDGET_VIEW_MIME_TYPE = "application/vnd.jupyter.widget-view+json"
 
 
 def mathjax_source() -> Path:
@@ -81,11 +86,24 @@ def include_inline_scripts_once(
     context["metatags"] = context.get("metatags", "").replace(VIEWPORT_META, "")
 
 
+def refuse_widgets(app: Sphinx, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
+    if WIDGET_VIEW_MIME_TYPE in context.get("body", ""):
+        LOGGER.warning(
+            "%s shows an ipywidget, which the static site cannot run: show its static fallback when "
+            "implicit_layers.config.static_output() is true",
+            pagename,
+            location=pagename,
+            type="offline_site",
+            subtype="widget",
+        )
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     # Kernels started by the build inherit this process's environment.
     os.environ[STATIC_ENV_VAR] = "1"
     app.connect("config-inited", use_local_mathjax)
     # After every other handler has added its scripts to the page.
     app.connect("html-page-context", include_inline_scripts_once, priority=900)
+    app.connect("html-page-context", refuse_widgets)
     app.connect("build-finished", copy_mathjax)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -245,7 +245,7 @@ def test_chapter_code_names_no_label(docname):
 # An executed page
 
 
-EXECUTED_PAGE = """\
+PAGE_HEADER = """\
 ---
 jupytext:
   text_representation: {extension: .md, format_name: myst}
@@ -253,7 +253,9 @@ kernelspec: {name: python3, display_name: Python 3, language: python}
 ---
 
 # Executed page
+"""
 
+PRINTS_AND_PROGRESS = """
 ```{code-cell} python3
 import time
 
@@ -274,21 +276,27 @@ print("static output:", static_output())
 ```
 """
 
+SHOWS_A_WIDGET = """
+```{code-cell} python3
+import ipywidgets
 
-@pytest.fixture(scope="module")
-def executed_page(tmp_path_factory) -> str:
-    """The HTML of a two-cell page executed by a build with the book's configuration."""
-    source = tmp_path_factory.mktemp("executed")
-    (source / "page.md").write_text(EXECUTED_PAGE)
+ipywidgets.IntSlider()
+```
+"""
+
+
+def build_executed_page(source: Path, cells: str, *options: str) -> subprocess.CompletedProcess:
+    """Build ``page.md`` made of ``cells`` in ``source``, executed, with the book's configuration."""
+    (source / "page.md").write_text(PAGE_HEADER + cells)
     (source / "_toc.yml").write_text(yaml.safe_dump({"format": "jb-book", "root": "page"}))
     config = book_config()
     config["execute"]["execute_notebooks"] = "force"
-    config["only_build_toc_files"] = True
     sphinx = config["sphinx"]
     # The Colab notebooks need the book's git checkout and its chapters; the page needs neither.
     sphinx["local_extensions"] = {
         name: str(REPO / path) for name, path in sphinx["local_extensions"].items() if name != "colab_notebooks"
     }
+    sphinx["config"] = {key: value for key, value in sphinx["config"].items() if not key.startswith("colab_notebooks")}
     # Paths in the configuration are relative to the book's folder, no longer the source folder.
     sphinx["config"]["html_static_path"] = [str(REPO / path) for path in sphinx["config"].get("html_static_path", [])]
     if config["html"].get("favicon"):
@@ -299,13 +307,20 @@ def executed_page(tmp_path_factory) -> str:
     environment = {key: value for key, value in os.environ.items() if key != "BOOK_STATIC_OUTPUT"}
     bin_folder = Path(sys.executable).parent
     environment["PATH"] = f"{bin_folder}{os.pathsep}{environment.get('PATH', '')}"
-    result = subprocess.run(
-        [str(bin_folder / "jupyter-book"), "build", str(source), "--builder", "html"],
+    return subprocess.run(
+        [str(bin_folder / "jupyter-book"), "build", str(source), "--builder", "html", *options],
         capture_output=True,
         text=True,
         timeout=600,
         env={**environment, "BOOK_QUICK": "1"},
     )
+
+
+@pytest.fixture(scope="module")
+def executed_page(tmp_path_factory) -> str:
+    """The HTML of a page that prints and shows a progress bar, executed by the book's build."""
+    source = tmp_path_factory.mktemp("executed")
+    result = build_executed_page(source, PRINTS_AND_PROGRESS)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     return (source / "_build" / "html" / "page.html").read_text(encoding="utf-8")
 
@@ -320,6 +335,14 @@ def test_executed_page_is_static(executed_page):
     """The build's kernels run with BOOK_STATIC_OUTPUT=1, so the progress bar leaves no widget."""
     assert re.findall(r"static output: \w+", executed_page) == ["static output: True"]
     assert "application/vnd.jupyter.widget" not in executed_page, "the page holds a widget"
+
+
+def test_page_showing_a_widget_fails_the_build(tmp_path):
+    """A widget cannot run on the static site: the build names the page instead of publishing an
+    empty output."""
+    result = build_executed_page(tmp_path, SHOWS_A_WIDGET, "-W")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and re.search(r"page.*shows an ipywidget", output), output[-6000:]
 
 
 # ---------------------------------------------------------------------------------------------
