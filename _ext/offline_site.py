@@ -31,8 +31,9 @@ LOGGER = logging.getLogger(__name__)
 MATHJAX_DISTRIBUTION = "django-static-mathjax"
 # The package's copy of MathJax 3: es5/ is the browser build, the licence sits beside it.
 MATHJAX_ROOT = "mathjax/static/mathjax"
-# Where the site serves it, relative to _static; Sphinx's MathJax 3 default is this same bundle.
+# Where the site serves it, relative to _static.
 MATHJAX_STATIC_DIR = "mathjax"
+# The bundle Sphinx loads from a CDN by default (TeX and MathML input, HTML output).
 MATHJAX_ENTRY_POINT = "tex-mml-chtml.js"
 TEMPLATES = Path(__file__).parent / "templates"
 VIEWPORT_META = '<meta name="viewport" content="width=device-width, initial-scale=1" />'
@@ -54,7 +55,7 @@ def mathjax_source() -> Path:
     return root
 
 
-def use_local_mathjax(app: Sphinx, config: Config) -> None:
+def configure_site(app: Sphinx, config: Config) -> None:
     mathjax_source()  # fail at the start of the build, not after every page is written
     config.mathjax_path = f"{MATHJAX_STATIC_DIR}/{MATHJAX_ENTRY_POINT}"
     config.templates_path.append(str(TEMPLATES))
@@ -101,7 +102,7 @@ def refuse_widgets(app: Sphinx, pagename: str, templatename: str, context: dict[
 def setup(app: Sphinx) -> dict[str, Any]:
     # Kernels started by the build inherit this process's environment.
     os.environ[STATIC_ENV_VAR] = "1"
-    app.connect("config-inited", use_local_mathjax)
+    app.connect("config-inited", configure_site)
     # After every other handler has added its scripts to the page.
     app.connect("html-page-context", include_inline_scripts_once, priority=900)
     app.connect("html-page-context", refuse_widgets)
