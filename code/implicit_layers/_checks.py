@@ -73,12 +73,23 @@ def _check_solver_options(name: str, options: Any, solver: Callable) -> dict:
                 f"{name} has an option {key!r} that the {solver.__name__!r} solver does not take; "
                 f"it takes {', '.join(map(repr, accepted)) or 'no options'}"
             )
-    return dict(options)
+    return {key: _OPTION_CHECKS[key](f"{name}: {key}", value) for key, value in options.items()}
+
+
+_OPTION_CHECKS = {
+    "m": check_iteration_limit,
+    "restart": check_iteration_limit,
+    "ridge": check_tolerance,
+    "damping": check_unit_interval,
+}
+"""How the value of each solver option is checked, so that a bad value is refused when ``fixed_point`` is
+called rather than when a backward pass first runs the solver."""
 
 
 def check_fixed_point_options(
     solvers: Mapping[str, Callable],
     backward_modes: Iterable[str],
+    backward_solvers: Mapping[str, Callable],
     *,
     solver: Any,
     backward: Any,
@@ -95,6 +106,9 @@ def check_fixed_point_options(
     """Check every argument of ``fixed_point`` (either framework) when it is called, not when a backward pass
     first needs it, and return the keyword arguments of the forward solver and the backward settings.
 
+    ``solvers`` are the forward solvers; ``backward_solvers``, the solvers of the derivative's linear systems,
+    include them and solvers that assume an affine map, which serve there only.
+
     Returns
     -------
     forward : dict
@@ -104,9 +118,14 @@ def check_fixed_point_options(
         ``warn`` of the solves inside the derivative.
     """
     backward_solver = solver if backward_solver is None else backward_solver
+    if solver in backward_solvers and solver not in solvers:
+        raise ValueError(
+            f"solver {solver!r} solves linear systems only, and the forward fixed point is nonlinear: pass it as "
+            f"backward_solver={solver!r} and choose a solver among {', '.join(map(repr, solvers))}"
+        )
     check_choice("solver", solver, solvers)
     check_choice("backward", backward, backward_modes)
-    check_choice("backward_solver", backward_solver, solvers)
+    check_choice("backward_solver", backward_solver, backward_solvers)
     strict, warn = check_flag("strict", strict), check_flag("warn", warn)
     forward = {**_check_solver_options("solver_options", solver_options, solvers[solver])}
     forward.update(tol=check_tolerance("tol", tol), strict=strict, warn=warn)
@@ -114,7 +133,9 @@ def check_fixed_point_options(
         forward["max_iter"] = check_iteration_limit("max_iter", max_iter)
     derivative = dict(
         solver=backward_solver,
-        options=_check_solver_options("backward_solver_options", backward_solver_options, solvers[backward_solver]),
+        options=_check_solver_options(
+            "backward_solver_options", backward_solver_options, backward_solvers[backward_solver]
+        ),
         tol=None if backward_tol is None else check_tolerance("backward_tol", backward_tol),
         max_iter=check_iteration_limit("backward_max_iter", backward_max_iter),
         strict=strict,

@@ -4,13 +4,15 @@
 from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
 from .anderson import anderson
 from .broyden import broyden
-from .fixed_point import SOLVERS, fixed_point
+from .fixed_point import BACKWARD_SOLVERS, SOLVERS, fixed_point
 from .forward_iteration import forward_iteration
+from .gmres import gmres
 from .newton import batched_jacobian, newton
 from .result import SolverResult
 from .utils import compiled_memory_bytes
 
 __all__ = [
+    "BACKWARD_SOLVERS",
     "SOLVERS",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -22,5 +24,6 @@ __all__ = [
     "compiled_memory_bytes",
     "fixed_point",
     "forward_iteration",
+    "gmres",
     "newton",
 ]

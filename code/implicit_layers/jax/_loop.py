@@ -135,11 +135,13 @@ def per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
     return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def _report(name: str, result: SolverResult, drifted: jax.Array, *, tol: float, max_iter: int, strict: bool) -> None:
+def _report(
+    name: str, result: SolverResult, drifted: jax.Array, *, tol: float, max_iter: int, strict: bool, stacklevel=4
+) -> None:
     report = partial(report_convergence, name, tol=tol, max_iter=max_iter, strict=strict)
     flags = (result.converged, result.residual, result.failed, drifted)
     if all(is_concrete(a) for a in flags):
-        report(*flags, stacklevel=4)
+        report(*flags, stacklevel=stacklevel)
     else:
         # Under jit the values exist only on the device: report from there once the solve has run, and only
         # when some sample missed, so a converged solve does not pay for a trip to the host. A warning is

@@ -13,11 +13,16 @@ from ._loop import flat, per_sample
 from .anderson import anderson
 from .broyden import broyden
 from .forward_iteration import forward_iteration
+from .gmres import gmres
 from .newton import newton
 from .result import SolverResult
 
 SOLVERS = {"forward_iteration": forward_iteration, "newton": newton, "anderson": anderson, "broyden": broyden}
 """The fixed-point solvers by name; each is usable forward and for the linear systems of the derivatives."""
+
+BACKWARD_SOLVERS = {**SOLVERS, "gmres": gmres}
+"""The solvers of the derivatives' linear systems by name: the fixed-point solvers and GMRES, which needs an
+affine map."""
 
 BACKWARD_MODES = ("implicit", "unrolled")
 
@@ -64,8 +69,9 @@ def fixed_point(
         Forward solver.
     backward : {"implicit", "unrolled"}
         How derivatives are computed.
-    backward_solver : {"forward_iteration", "newton", "anderson", "broyden"}, optional
-        Solver for the linear fixed points of the derivative rules; by default the forward solver.
+    backward_solver : {"forward_iteration", "newton", "anderson", "broyden", "gmres"}, optional
+        Solver for the linear fixed points of the derivative rules; by default the forward solver. GMRES
+        (:func:`gmres`) serves these linear systems only.
     tol, max_iter : float, int or None
         Forward tolerance and iteration limit (``None``: the solver's default).
     backward_tol : float, optional
@@ -82,7 +88,8 @@ def fixed_point(
         Warn when a solve does not converge; ``False`` leaves the check out (see
         :func:`implicit_layers.jax.forward_iteration` for its cost under ``jit``).
     solver_options, backward_solver_options : dict, optional
-        Extra keyword arguments of the forward and the linear solvers (for example ``{"m": 6}`` for Anderson).
+        Extra keyword arguments of the forward and the linear solvers (for example ``{"m": 6}`` for Anderson,
+        ``{"restart": 30}`` for GMRES).
 
     Returns
     -------
@@ -108,6 +115,7 @@ def fixed_point(
     forward_options, derivative = check_fixed_point_options(
         SOLVERS,
         BACKWARD_MODES,
+        BACKWARD_SOLVERS,
         solver=solver,
         backward=backward,
         backward_solver=backward_solver,
@@ -127,7 +135,7 @@ def fixed_point(
     z_star, result = SOLVERS[solver](lambda z: f(z, frozen_theta), jax.lax.stop_gradient(z0), **forward_options)
     linear_solve = partial(
         _solve_linear_fixed_point,
-        SOLVERS[derivative["solver"]],
+        BACKWARD_SOLVERS[derivative["solver"]],
         options=derivative["options"],
         tol=derivative["tol"] or float(jnp.finfo(z_star.dtype).eps) ** 0.5,
         max_iter=derivative["max_iter"],

@@ -14,11 +14,15 @@ from ._validation import check_batched_state
 from .anderson import anderson
 from .broyden import broyden
 from .forward_iteration import forward_iteration
+from .gmres import gmres
 from .newton import newton
 from .result import SolverResult
 
 SOLVERS = {"forward_iteration": forward_iteration, "newton": newton, "anderson": anderson, "broyden": broyden}
 """The fixed-point solvers by name; each is usable forward and, for the adjoint system, backward."""
+
+BACKWARD_SOLVERS = {**SOLVERS, "gmres": gmres}
+"""The solvers of the adjoint system by name: the fixed-point solvers and GMRES, which needs an affine map."""
 
 BACKWARD_MODES = ("implicit", "unrolled")
 
@@ -60,11 +64,12 @@ def fixed_point(
         Forward solver.
     backward : {"implicit", "unrolled"}
         How gradients are computed.
-    backward_solver : {"forward_iteration", "newton", "anderson", "broyden"}, optional
+    backward_solver : {"forward_iteration", "newton", "anderson", "broyden", "gmres"}, optional
         Solver for the adjoint fixed point ``g = J^T g + dL/dz*`` (implicit mode); by default the forward
-        solver. Forward iteration, Anderson and Broyden cost one vector-Jacobian product per step; Newton builds
-        ``J`` and solves the linear system exactly in one step. Forward iteration converges only where ``J``'s
-        spectral radius is below one, which Newton's forward solve does not require.
+        solver. Forward iteration, Anderson, Broyden and GMRES cost one vector-Jacobian product per step;
+        Newton builds ``J`` and solves the linear system exactly in one step. Forward iteration converges only
+        where ``J``'s spectral radius is below one, which Newton's forward solve does not require; GMRES
+        (:func:`gmres`, backward only) needs only ``I - J`` invertible and keeps ``restart`` vectors per sample.
     tol, max_iter : float, int or None
         Forward tolerance and iteration limit (``None``: the solver's default).
     backward_tol : float, optional
@@ -78,7 +83,8 @@ def fixed_point(
         Warn when the forward or the adjoint solve does not converge; ``False`` skips the check (see
         :func:`forward_iteration`).
     solver_options, backward_solver_options : dict, optional
-        Extra keyword arguments of the forward and adjoint solvers (for example ``{"m": 6}`` for Anderson).
+        Extra keyword arguments of the forward and adjoint solvers (for example ``{"m": 6}`` for Anderson,
+        ``{"restart": 30}`` for GMRES).
     backward_callback : callable, optional
         Called with the :class:`SolverResult` of each adjoint solve.
 
@@ -110,6 +116,7 @@ def fixed_point(
     forward_options, derivative = check_fixed_point_options(
         SOLVERS,
         BACKWARD_MODES,
+        BACKWARD_SOLVERS,
         solver=solver,
         backward=backward,
         backward_solver=backward_solver,
@@ -157,7 +164,7 @@ def fixed_point(
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         rhs = grad / scale
         with torch.no_grad():
-            h, adjoint_result = SOLVERS[derivative["solver"]](
+            h, adjoint_result = BACKWARD_SOLVERS[derivative["solver"]](
                 lambda h: transposed_jacobian_product(h) + rhs,
                 rhs,
                 **derivative["options"],
@@ -267,7 +274,7 @@ class FixedPointLayer(nn.Module):
             solver_options=solver_options,
             backward_solver_options=backward_solver_options,
         )
-        check_fixed_point_options(SOLVERS, BACKWARD_MODES, **self.options)
+        check_fixed_point_options(SOLVERS, BACKWARD_MODES, BACKWARD_SOLVERS, **self.options)
         self.last_result: Optional[SolverResult] = None
         self.last_backward_result: Optional[SolverResult] = None
 
