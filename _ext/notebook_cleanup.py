@@ -69,8 +69,8 @@ def clean_notebook(
 ) -> None:
     """Rewrite the markdown cells of ``nb``, the generated notebook of ``docname``, in place.
 
-    - Anchors (``<a id=...>``) go, and every relative link points at the website
-      (``page_url(docname)`` gives a page's URL), where the anchor exists.
+    - Anchors (``<a id=...>``) go, and every relative link points at the same target on the
+      website, where the anchor exists (``page_url`` maps a docname to its page's URL).
     - Titles of admonitions (``admonition_titles``) become bold lines instead of headings.
     - ``Exercise 1.1 (Title)`` becomes a heading one level below its section, and
       ``Solution to Exercise 1.1 (Title)`` one level below that, in a cell of its own that

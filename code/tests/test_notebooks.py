@@ -178,3 +178,26 @@ def test_download_button_offers_the_colab_notebook(built, docname):
     assert re.search(rf'href="[./]*_sources/{re.escape(docname)}\.ipynb"', page), "no .ipynb download"
     offered = (built / "html" / "_sources" / f"{docname}.ipynb").read_bytes()
     assert offered == (built / "jupyter" / f"{docname}.ipynb").read_bytes()
+
+
+def test_pin_needs_a_git_checkout_and_reports_uncommitted_changes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "_ext"))
+    from colab_notebooks import checkout_commit
+    from sphinx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not a git checkout"):
+        checkout_commit(str(tmp_path))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "--quiet")
+    (tmp_path / "page.md").write_text("one")
+    git("add", "page.md")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "one")
+    head = git("rev-parse", "HEAD").strip()
+    checkout_commit.cache_clear()
+    assert checkout_commit(str(tmp_path)) == (head, False)
+    (tmp_path / "page.md").write_text("two")
+    checkout_commit.cache_clear()
+    assert checkout_commit(str(tmp_path)) == (head, True)
