@@ -14,6 +14,7 @@ import ast
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -118,8 +119,11 @@ def clean_environment(tmp_path_factory):
     """A virtual environment without pip or system packages, and the package's wheel."""
     root = tmp_path_factory.mktemp("packaging")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+    # Built from a copy: setuptools writes a build/ folder next to the project it builds.
+    source = root / "code"
+    shutil.copytree(REPO / "code", source, ignore=shutil.ignore_patterns("tests", "build", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(root), str(REPO / "code")],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(root), str(source)],
         check=True,
     )
     (wheel,) = root.glob("implicit_layers-*.whl")
