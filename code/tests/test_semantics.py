@@ -68,6 +68,23 @@ def test_jax_second_derivatives_are_exact(solver):
     assert float(reverse_over_reverse[0, 0]) == pytest.approx(second, rel=1e-8)
 
 
+def test_jax_second_derivatives_through_gmres_are_exact():
+    """GMRES solves the derivative rule's linear systems inside lax.custom_linear_solve, so the rule's recursion
+    gives exact second derivatives with it as with the fixed-point solvers."""
+    _, first, second = scalar_layer_derivatives()
+
+    def solution(b):
+        z, _ = ilj.fixed_point(lambda z, b: jnp.tanh(SCALAR_SLOPE * z + b), jnp.zeros((1, 1)), b, tol=1e-13,
+                               max_iter=300, backward_solver="gmres", backward_tol=1e-13)
+        return z.sum()
+
+    b = jnp.full((1, 1), SCALAR_INPUT)
+    assert float(jax.grad(solution)(b)[0, 0]) == pytest.approx(first, rel=1e-10)
+    assert float(jax.hessian(solution)(b).ravel()[0]) == pytest.approx(second, rel=1e-8)
+    reverse_over_reverse = jax.grad(lambda b: jax.grad(solution)(b).sum())(b)
+    assert float(reverse_over_reverse[0, 0]) == pytest.approx(second, rel=1e-8)
+
+
 def test_jax_third_derivative_matches_a_difference_of_exact_second_derivatives():
     b = jnp.full((1, 1), SCALAR_INPUT)
     second = jax.jit(lambda b: jax.hessian(jax_scalar_solution)(b, "newton").sum())

@@ -122,25 +122,19 @@ def gmres(
         # A zero length means the Krylov space is invariant: the correction is then exact.
         basis = basis.at[:, j + 1].set(image / jnp.where(length > 0, length, 1.0)[:, None])
 
-        cosines, sines = cycle["cosines"], cycle["sines"]
-
-        def rotate(i, column):  # rotations past j - 1 are still the identity
-            upper = cosines[:, i] * column[:, i] + sines[:, i] * column[:, i + 1]
-            lower = cosines[:, i] * column[:, i + 1] - sines[:, i] * column[:, i]
-            return column.at[:, i].set(upper).at[:, i + 1].set(lower)
-
-        column = jax.lax.fori_loop(0, basis_size, rotate, column)
+        rotations = cycle["rotations"]
+        column = jnp.einsum("bij,bj->bi", rotations, column)
         head, tail = column[:, j], column[:, j + 1]
         norm = jnp.hypot(head, tail)
         safe = jnp.where(norm > 0, norm, 1.0)
-        cosine = jnp.where(norm > 0, head / safe, 1.0)
-        sine = jnp.where(norm > 0, tail / safe, 0.0)
+        cosine = jnp.where(norm > 0, head / safe, 1.0)[:, None]
+        sine = jnp.where(norm > 0, tail / safe, 0.0)[:, None]
         column = column.at[:, j].set(norm).at[:, j + 1].set(0.0)
-        projected = cycle["projected"]
-        leading = projected[:, j]
-        projected = projected.at[:, j + 1].set(jnp.where(in_cycle, -sine * leading, projected[:, j + 1]))
-        projected = projected.at[:, j].set(jnp.where(in_cycle, cosine * leading, leading))
-        estimate = jnp.abs(projected[:, j + 1])
+        row, next_row = rotations[:, j], rotations[:, j + 1]
+        rotating = in_cycle[:, None]
+        rotations = rotations.at[:, j].set(jnp.where(rotating, cosine * row + sine * next_row, row))
+        rotations = rotations.at[:, j + 1].set(jnp.where(rotating, cosine * next_row - sine * row, next_row))
+        estimate = cycle["start"] * jnp.abs(rotations[:, j + 1, 0])
         singular = cycle["singular"] | (in_cycle & (norm <= noise))
         step = cycle["step"] + 1
         previous = jax.lax.dynamic_index_in_dim(cycle["trace"], step - 1, 0, keepdims=False)
@@ -149,9 +143,8 @@ def gmres(
             step=step,
             basis=basis,
             rotated=cycle["rotated"].at[:, :, j].set(jnp.where(in_cycle[:, None], column, 0.0)),
-            cosines=cosines.at[:, j].set(cosine),
-            sines=sines.at[:, j].set(sine),
-            projected=projected,
+            rotations=rotations,
+            start=cycle["start"],
             in_cycle=in_cycle & (estimate >= tol) & ~singular,
             singular=singular,
             cycle_steps=cycle["cycle_steps"] + in_cycle,
@@ -171,11 +164,12 @@ def gmres(
             step=state["step"],
             basis=basis,
             rotated=jnp.zeros((batch, basis_size + 1, basis_size), dtype),
-            cosines=jnp.ones((batch, basis_size), dtype),
-            sines=jnp.zeros((batch, basis_size), dtype),
-            # ||r|| e_1, rotated with the Hessenberg columns: its entry past the last column is the residual
-            # of the minimizing correction.
-            projected=jnp.zeros((batch, basis_size + 1), dtype).at[:, 0].set(start),
+            # The product of the Givens rotations so far, which turn the Hessenberg matrix into the triangle R:
+            # one batched product rotates a new column, and ||r|| times its first column is the rotated
+            # right-hand side ||r|| e_1, whose entry past the last column is the residual of the minimizing
+            # correction.
+            rotations=jnp.broadcast_to(jnp.eye(basis_size + 1, dtype=dtype), (batch, basis_size + 1, basis_size + 1)),
+            start=start,
             in_cycle=active,
             singular=jnp.zeros_like(active),
             cycle_steps=jnp.zeros(batch, jnp.int32),
@@ -227,7 +221,8 @@ def _least_squares_correction(cycle: dict) -> jax.Array:
     """Each sample's correction ``V y`` with ``R y = g`` over the ``cycle_steps`` columns it built; columns it
     did not build get a unit diagonal and a zero right-hand side, hence ``y = 0``. An exactly singular ``R``
     gives a non-finite correction, which the caller reports as a failure."""
-    basis, rotated, projected, cycle_steps = cycle["basis"], cycle["rotated"], cycle["projected"], cycle["cycle_steps"]
+    basis, rotated, cycle_steps = cycle["basis"], cycle["rotated"], cycle["cycle_steps"]
+    projected = cycle["start"][:, None] * cycle["rotations"][:, :, 0]
     size = rotated.shape[2]
     built = jnp.arange(size) < cycle_steps[:, None]
     triangle = rotated[:, :size, :]

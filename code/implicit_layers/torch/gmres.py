@@ -126,14 +126,12 @@ def _restarted_gmres(
     while steps < max_iter and int(active.sum()) > 0:  # one host synchronization per cycle
         basis = torch.zeros(batch, basis_size + 1, dim, dtype=dtype, device=device)
         rotated = torch.zeros(batch, basis_size + 1, basis_size, dtype=dtype, device=device)
-        cosines = torch.ones(batch, basis_size, dtype=dtype, device=device)
-        sines = torch.zeros(batch, basis_size, dtype=dtype, device=device)
+        # The product of the Givens rotations so far, which turn the Hessenberg matrix into the triangle R: one
+        # batched product rotates a new column, and ||r|| times its first column is the rotated right-hand side
+        # ||r|| e_1, whose entry past the last column is the residual of the minimizing correction.
+        rotations = torch.eye(basis_size + 1, dtype=dtype, device=device).repeat(batch, 1, 1)
         start = torch.where(active, residual, torch.zeros_like(residual))
         basis[:, 0] = residual_vector / torch.where(start > 0, start, torch.ones_like(start)).unsqueeze(1)
-        # The least-squares right-hand side ||r|| e_1, rotated along with the Hessenberg columns; its entry past
-        # the last column is the residual of the minimizing correction.
-        projected = torch.zeros(batch, basis_size + 1, dtype=dtype, device=device)
-        projected[:, 0] = start
         in_cycle = active.clone()
         singular = torch.zeros_like(active)
         cycle_steps = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -155,20 +153,18 @@ def _restarted_gmres(
             column[:, j + 1] = length
             # A zero length means the Krylov space is invariant: the correction below is exact.
             basis[:, j + 1] = image / torch.where(length > 0, length, torch.ones_like(length)).unsqueeze(1)
-            for i in range(j):
-                upper = cosines[:, i] * column[:, i] + sines[:, i] * column[:, i + 1]
-                column[:, i + 1] = cosines[:, i] * column[:, i + 1] - sines[:, i] * column[:, i]
-                column[:, i] = upper
+            column = torch.bmm(rotations, column.unsqueeze(2)).squeeze(2)
             norm = torch.hypot(column[:, j], column[:, j + 1])
             safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-            cosines[:, j] = torch.where(norm > 0, column[:, j] / safe, torch.ones_like(norm))
-            sines[:, j] = torch.where(norm > 0, column[:, j + 1] / safe, torch.zeros_like(norm))
+            cosine = torch.where(norm > 0, column[:, j] / safe, torch.ones_like(norm)).unsqueeze(1)
+            sine = torch.where(norm > 0, column[:, j + 1] / safe, torch.zeros_like(norm)).unsqueeze(1)
             column[:, j], column[:, j + 1] = norm, 0.0
             rotated[:, :, j] = torch.where(in_cycle.unsqueeze(1), column, torch.zeros_like(column))
-            head = projected[:, j]
-            projected[:, j + 1] = torch.where(in_cycle, -sines[:, j] * head, projected[:, j + 1])
-            projected[:, j] = torch.where(in_cycle, cosines[:, j] * head, head)
-            estimate = projected[:, j + 1].abs()
+            row, next_row = rotations[:, j], rotations[:, j + 1]
+            rotated_row, rotated_next_row = cosine * row + sine * next_row, cosine * next_row - sine * row
+            rotations[:, j] = torch.where(in_cycle.unsqueeze(1), rotated_row, row)
+            rotations[:, j + 1] = torch.where(in_cycle.unsqueeze(1), rotated_next_row, next_row)
+            estimate = start * rotations[:, j + 1, 0].abs()
             iterations = iterations + in_cycle
             cycle_steps = cycle_steps + in_cycle
             trace.append(torch.where(in_cycle, estimate, trace[-1]))
@@ -177,6 +173,7 @@ def _restarted_gmres(
             taken = j + 1
         steps += taken
 
+        projected = start.unsqueeze(1) * rotations[:, :, 0]
         correction = _least_squares_correction(basis, rotated, projected, cycle_steps, taken)
         candidate = x + correction
         candidate_residual_vector = evaluate(candidate) - candidate
