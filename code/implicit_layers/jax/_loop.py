@@ -113,21 +113,26 @@ def solve_batched(
     else:
         state = jax.lax.while_loop(lambda s: (s["step"] < max_iter) & jnp.any(s["active"]), step, state)
 
-    rows = jnp.arange(max_iter + 1)[:, None]
-    trace = jnp.where(rows > state["step"], state["residual"][None, :], state["trace"])
-    converged = (state["residual"] < tol) & ~state["failed"]
-    result = SolverResult(
-        iterations=state["iterations"],
-        residuals=trace,
-        converged=converged,
-        failed=state["failed"],
-        nfe=1 + state["step"] * (1 + evaluations_per_update),
-        num_steps=state["step"],
-    )
+    result = final_result(state, tol=tol, max_iter=max_iter, nfe=1 + state["step"] * (1 + evaluations_per_update))
     if warn or strict:
-        drifted = (trace < tol).any(axis=0) & ~converged & ~state["failed"]
+        drifted = (result.residuals < tol).any(axis=0) & ~result.converged & ~result.failed
         _report(name, result, drifted, tol=tol, max_iter=max_iter, strict=strict)
     return state["z"], result
+
+
+def final_result(state: dict, *, tol: float, max_iter: int, nfe: jax.Array) -> SolverResult:
+    """The result record of a finished loop's ``state``: rows of the trace after the last step repeat each
+    sample's final residual, so the trace has its fixed length ``max_iter + 1`` under ``jit``."""
+    rows = jnp.arange(max_iter + 1)[:, None]
+    trace = jnp.where(rows > state["step"], state["residual"][None, :], state["trace"])
+    return SolverResult(
+        iterations=state["iterations"],
+        residuals=trace,
+        converged=(state["residual"] < tol) & ~state["failed"],
+        failed=state["failed"],
+        nfe=nfe,
+        num_steps=state["step"],
+    )
 
 
 def per_sample(values: jax.Array, like: jax.Array) -> jax.Array:

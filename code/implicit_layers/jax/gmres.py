@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_flag, check_iteration_limit, check_tolerance
-from ._loop import Map, _report, flat
+from ._loop import Map, _report, final_result, flat
 from ._validation import check_batched_state, check_map_output, compute_dtype
 from .result import SolverResult
 
@@ -200,19 +200,9 @@ def gmres(
 
     state = jax.lax.while_loop(lambda s: (s["step"] < max_iter) & jnp.any(s["active"]), restart_cycle, state)
 
-    rows = jnp.arange(max_iter + 1)[:, None]
-    trace = jnp.where(rows > state["step"], state["residual"][None, :], state["trace"])
-    converged = (state["residual"] < tol) & ~state["failed"]
-    result = SolverResult(
-        iterations=state["iterations"],
-        residuals=trace,
-        converged=converged,
-        failed=state["failed"],
-        nfe=2 + state["step"] + state["cycles"],
-        num_steps=state["step"],
-    )
+    result = final_result(state, tol=tol, max_iter=max_iter, nfe=2 + state["step"] + state["cycles"])
     if warn or strict:
-        drifted = state["met"] & ~converged & ~state["failed"]
+        drifted = state["met"] & ~result.converged & ~result.failed
         _report("gmres", result, drifted, tol=tol, max_iter=max_iter, strict=strict, stacklevel=3)
     return state["x"].reshape(z0.shape).astype(z0.dtype), result
 
