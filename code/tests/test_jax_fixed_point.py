@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,7 @@ from implicit_layers.jax import (
     anderson,
     batched_jacobian,
     broyden,
+    cache_compilations,
     fixed_point,
     forward_iteration,
     newton,
@@ -197,7 +201,7 @@ def test_torch_and_jax_mirror_each_other():
     torch_only = set(ilt.__all__) - set(ilj.__all__)
     assert torch_only == {"FixedPointLayer", "autograd_graph_bytes", "default_device", "peak_memory_bytes",
                           "seed_everything"}
-    assert set(ilj.__all__) - set(ilt.__all__) == {"compiled_memory_bytes"}
+    assert set(ilj.__all__) - set(ilt.__all__) == {"cache_compilations", "compiled_memory_bytes"}
 
 
 def test_derivative_defaults_and_failed_samples():
@@ -227,3 +231,26 @@ def test_derivative_defaults_and_failed_samples():
     assert bool((gradient[0] == 0).all())
     healthy = jax.grad(lambda x: fixed_point(tanh_cell, jnp.zeros(x.shape), (W3, x), tol=1e-12)[0].sum())(x3[1:])
     np.testing.assert_allclose(np.asarray(gradient[1:]), np.asarray(healthy), atol=1e-12)
+
+
+def test_compilation_cache_serves_a_repeated_solve_outside_jit(tmp_path):
+    """Outside jit, each call builds a new closure, so only the persistent cache can reuse its program. JAX's
+    cache settings are global and fixed at the first compilation, hence a fresh interpreter."""
+    script = f"""
+import jax, jax.numpy as jnp, os
+import implicit_layers.jax as ilj
+assert ilj.cache_compilations({str(tmp_path)!r}) == {str(tmp_path)!r}
+x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+def solve():
+    return ilj.fixed_point(lambda z, x: jnp.tanh(0.5 * z + x), jnp.zeros_like(x), x, solver="anderson")[0]
+first = solve()
+entries = set(os.listdir({str(tmp_path)!r}))
+second = solve()
+assert entries, "the first solve wrote no compiled program"
+assert set(os.listdir({str(tmp_path)!r})) == entries, "the second solve compiled a new program"
+assert bool(jnp.all(first == second))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with pytest.raises(TypeError, match="directory must be a path or None"):
+        cache_compilations(3)

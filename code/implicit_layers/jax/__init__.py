@@ -9,7 +9,7 @@ from .forward_iteration import forward_iteration
 from .gmres import gmres
 from .newton import batched_jacobian, newton
 from .result import SolverResult
-from .utils import compiled_memory_bytes
+from .utils import cache_compilations, compiled_memory_bytes
 
 __all__ = [
     "BACKWARD_SOLVERS",
@@ -21,6 +21,7 @@ __all__ = [
     "anderson",
     "batched_jacobian",
     "broyden",
+    "cache_compilations",
     "compiled_memory_bytes",
     "fixed_point",
     "forward_iteration",
