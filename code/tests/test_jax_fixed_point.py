@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +203,19 @@ def test_torch_and_jax_mirror_each_other():
     assert torch_only == {"FixedPointLayer", "autograd_graph_bytes", "default_device", "peak_memory_bytes",
                           "seed_everything"}
     assert set(ilj.__all__) - set(ilt.__all__) == {"cache_compilations", "compiled_memory_bytes"}
+
+
+def test_torch_and_jax_mirror_file_for_file():
+    """One subpackage per family, one module per algorithm, the same files on both sides."""
+    import implicit_layers
+
+    root = Path(implicit_layers.__file__).parent
+
+    def modules(framework):
+        return {path.relative_to(root / framework).as_posix() for path in (root / framework).rglob("*.py")}
+
+    assert modules("torch") == modules("jax")
+    assert "fixed_points/fixed_point.py" in modules("torch")
 
 
 def test_derivative_defaults_and_failed_samples():

@@ -128,7 +128,7 @@ def test_anderson_damping_and_singular_history_fall_back_safely():
 
 
 def test_anderson_restarts_a_sample_whose_system_is_singular():
-    from implicit_layers.torch.anderson import _mixing_weights
+    from implicit_layers.torch.fixed_points.anderson import _mixing_weights
 
     residuals = torch.zeros(3, 3, 4, dtype=torch.float64)
     residuals[1] = torch.randn(3, 4, dtype=torch.float64)

@@ -1,14 +1,20 @@
-"""JAX implicit layers: batched fixed-point solvers and their implicit derivatives, mirroring
-``implicit_layers.torch`` name for name."""
+"""JAX implicit layers, mirroring ``implicit_layers.torch`` name for name. One subpackage per family
+(``fixed_points``: batched fixed-point solvers and their implicit derivatives), with every public name also
+importable from here."""
 
 from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
-from .anderson import anderson
-from .broyden import broyden
-from .fixed_point import BACKWARD_SOLVERS, SOLVERS, fixed_point
-from .forward_iteration import forward_iteration
-from .gmres import gmres
-from .newton import batched_jacobian, newton
-from .result import SolverResult
+from .fixed_points import (
+    BACKWARD_SOLVERS,
+    SOLVERS,
+    SolverResult,
+    anderson,
+    batched_jacobian,
+    broyden,
+    fixed_point,
+    forward_iteration,
+    gmres,
+    newton,
+)
 from .utils import cache_compilations, compiled_memory_bytes
 
 __all__ = [

@@ -1,13 +1,20 @@
-"""PyTorch implicit layers: batched fixed-point solvers and their implicit gradients."""
+"""PyTorch implicit layers. One subpackage per family (``fixed_points``: batched fixed-point solvers and their
+implicit gradients), with every public name also importable from here."""
 
 from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
-from .anderson import anderson
-from .broyden import broyden
-from .fixed_point import BACKWARD_SOLVERS, SOLVERS, FixedPointLayer, fixed_point
-from .forward_iteration import forward_iteration
-from .gmres import gmres
-from .newton import batched_jacobian, newton
-from .result import SolverResult
+from .fixed_points import (
+    BACKWARD_SOLVERS,
+    SOLVERS,
+    FixedPointLayer,
+    SolverResult,
+    anderson,
+    batched_jacobian,
+    broyden,
+    fixed_point,
+    forward_iteration,
+    gmres,
+    newton,
+)
 from .utils import autograd_graph_bytes, default_device, peak_memory_bytes, seed_everything
 
 __all__ = [

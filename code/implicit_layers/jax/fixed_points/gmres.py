@@ -8,9 +8,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_flag, check_iteration_limit, check_tolerance
+from ..._checks import check_flag, check_iteration_limit, check_tolerance
 from ._loop import Map, _report, final_result, flat
-from ._validation import check_batched_state, check_map_output, compute_dtype
+from .._validation import check_batched_state, check_map_output, compute_dtype
 from .result import SolverResult
 
 

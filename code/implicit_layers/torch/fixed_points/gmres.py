@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_flag, check_iteration_limit, check_tolerance
-from ..errors import report_convergence
+from ..._checks import check_flag, check_iteration_limit, check_tolerance
+from ...errors import report_convergence
 from ._loop import Map
-from ._validation import check_batched_state, check_map_output, compute_dtype
+from .._validation import check_batched_state, check_map_output, compute_dtype
 from .result import SolverResult
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_fixed_point_options
+from ..._checks import check_fixed_point_options
 from ._loop import flat, per_sample
 from .anderson import anderson
 from .broyden import broyden

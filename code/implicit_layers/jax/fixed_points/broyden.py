@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_iteration_limit
+from ..._checks import check_iteration_limit
 from ._loop import Map, flat, solve_batched
-from ._validation import compute_dtype
+from .._validation import compute_dtype
 from .result import SolverResult
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from ._loop import Map, flat, solve_batched
-from ._validation import compute_dtype
+from .._validation import compute_dtype
 from .result import SolverResult
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_iteration_limit
+from ..._checks import check_iteration_limit
 from ._loop import Map, records_graph, solve_batched
-from ._validation import compute_dtype
+from .._validation import compute_dtype
 from .result import SolverResult
 
 

@@ -1,5 +1,5 @@
 """The batched loop every JAX fixed-point solver shares: per-sample stopping on the device, residual trace,
-warnings. The twin of ``implicit_layers.torch._loop``."""
+warnings. The twin of ``implicit_layers.torch.fixed_points._loop``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_flag, check_iteration_limit, check_tolerance
-from ..errors import report_convergence
-from ._validation import check_batched_state, check_map_output, compute_dtype, is_concrete
+from ..._checks import check_flag, check_iteration_limit, check_tolerance
+from ...errors import report_convergence
+from .._validation import check_batched_state, check_map_output, compute_dtype, is_concrete
 from .result import SolverResult
 
 Map = Callable[[jax.Array], jax.Array]

@@ -6,9 +6,9 @@ from typing import Any, Callable
 
 import torch
 
-from .._checks import check_flag, check_iteration_limit, check_tolerance
-from ..errors import report_convergence
-from ._validation import check_batched_state, check_map_output, compute_dtype
+from ..._checks import check_flag, check_iteration_limit, check_tolerance
+from ...errors import report_convergence
+from .._validation import check_batched_state, check_map_output, compute_dtype
 from .result import SolverResult
 
 Map = Callable[[torch.Tensor], torch.Tensor]

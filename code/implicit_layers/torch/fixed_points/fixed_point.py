@@ -7,10 +7,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .._checks import check_fixed_point_options
-from ..errors import UnsupportedDerivativeError
+from ..._checks import check_fixed_point_options
+from ...errors import UnsupportedDerivativeError
 from ._loop import Map, per_sample
-from ._validation import check_batched_state
+from .._validation import check_batched_state
 from .anderson import anderson
 from .broyden import broyden
 from .forward_iteration import forward_iteration

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._loop import Map, solve_batched
-from ._validation import compute_dtype
+from .._validation import compute_dtype
 from .result import SolverResult
 
 

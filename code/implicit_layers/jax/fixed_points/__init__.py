@@ -1,0 +1,24 @@
+"""Fixed points in JAX: the batched solvers (one module each), their shared loop and result record, and
+``fixed_point``, which makes a solution differentiable by the implicit function theorem. The twin of
+``implicit_layers.torch.fixed_points``."""
+
+from .anderson import anderson
+from .broyden import broyden
+from .fixed_point import BACKWARD_SOLVERS, SOLVERS, fixed_point
+from .forward_iteration import forward_iteration
+from .gmres import gmres
+from .newton import batched_jacobian, newton
+from .result import SolverResult
+
+__all__ = [
+    "BACKWARD_SOLVERS",
+    "SOLVERS",
+    "SolverResult",
+    "anderson",
+    "batched_jacobian",
+    "broyden",
+    "fixed_point",
+    "forward_iteration",
+    "gmres",
+    "newton",
+]
