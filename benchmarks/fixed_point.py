@@ -10,12 +10,9 @@ next to its time. Run it in the benchmark environment, which ``make bench`` buil
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -23,13 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-import implicit_layers
-import torch
-
 import fixed_point_jax
 import fixed_point_torch
 from fixed_point_torch import METHODS
 from fixed_point_problem import INPUT_SCALE, TASKS, Case, Problem, Settings, accuracy, make_problems
+from harness import cpu_seconds, machine, others_share, our_package, time_in_rounds, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUPS = 2
@@ -74,31 +69,20 @@ def measure_group(cases: list[Case], problem: Problem, settings: Settings, task:
     """Time the cases of one method side by side: each case's first call alone, its other warm-ups untimed, then
     ``repeats`` rounds in which every case runs once, so that a slow spell of the machine hits all of them alike;
     the median per case. The first call's answer is checked against the reference. A failure becomes a note."""
-    rows, runs, firsts = {}, {}, {}
+    rows, runs = {}, {}
     for case in cases:
         rows[case] = Row(case, problem.name, task)
         if case.unavailable:
             rows[case] = replace(rows[case], note=case.unavailable)
             continue
         try:
-            run = case.prepare(problem, settings, task)
-            start = time.perf_counter()
-            firsts[case] = (run.call(), time.perf_counter() - start)
-            for _ in range(WARMUPS - 1):
-                run.call()
-            runs[case] = run
+            runs[case] = case.prepare(problem, settings, task)
         except Exception as error:  # a peer's failure is a result to report, not a reason to stop the others
             rows[case] = _failed(rows[case], error)
-    times = {case: [] for case in runs}
-    for _ in range(repeats):
-        for case, run in list(runs.items()):
-            try:
-                start = time.perf_counter()
-                run.call()
-                times[case].append(time.perf_counter() - start)
-            except Exception as error:
-                rows[case] = _failed(rows[case], error)
-                del runs[case]
+    firsts, times, failures = time_in_rounds({case: run.call for case, run in runs.items()}, WARMUPS, repeats)
+    for case, error in failures.items():
+        rows[case] = _failed(rows[case], error)
+        del runs[case]
     for case, run in runs.items():
         first, first_call_s = firsts[case]
         outcome = run.unpack(first)
@@ -173,70 +157,6 @@ def settings_table(cases: list[Case]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, str]:
-    """CPU, cores, OS, thread counts and load: what a reader needs to compare two results files."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")  # Linux only; platform.processor() is often empty there
-    if cpuinfo.exists():
-        models = [line.split(":", 1)[1] for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = models[0].strip() if models else cpu
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    return {
-        "CPU": cpu,
-        "cores": str(os.cpu_count()),
-        "OS": platform.platform(),
-        "python": platform.python_version(),
-        "torch threads": str(torch.get_num_threads()),
-        "load average (1, 5, 15 min) before the run": load,
-    }
-
-
-def cpu_seconds() -> Optional[tuple[float, float]]:
-    """CPU seconds used so far by the whole machine and by this process; None where ``/proc/stat`` is missing."""
-    stat = Path("/proc/stat")
-    if not stat.exists():
-        return None
-    # The first line sums all cores: user nice system idle iowait irq softirq steal ...; idle and iowait are not work.
-    ticks = [int(value) for value in stat.read_text().split("\n", 1)[0].split()[1:9]]
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
-def others_share(start: Optional[tuple[float, float]], wall_s: float) -> str:
-    """The share of the machine's cores that other processes used since ``start``: the load average cannot tell
-    them from the benchmark itself, and they are what makes timings noisy."""
-    end = cpu_seconds()
-    if start is None or end is None:
-        return "unknown (no /proc/stat)"
-    others = (end[0] - start[0]) - (end[1] - start[1])
-    return f"{max(others, 0.0) / (wall_s * os.cpu_count()):.0%} of all cores, over the {wall_s:.0f} s run"
-
-
-def versions() -> dict[str, str]:
-    """Installed versions of the frameworks and peers, and which copy of our package was measured."""
-    found = {}
-    for package in PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    found["implicit_layers"] = our_package()
-    return found
-
-
-def our_package() -> str:
-    """The directory our package was imported from and its git commit (the before/after runs differ here)."""
-    source = Path(implicit_layers.__file__).resolve().parent
-    git = ["git", "-C", str(source)]
-    try:
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return f"{source} (not in a git checkout)"
-    changes = " with uncommitted changes" if dirty.stdout.strip() else ""
-    return f"{source} at commit {commit.stdout.strip()}{changes}"
-
-
 def report(args, settings: Settings, n: int, batch: int, cases: list[Case], rows: list[Row], info: dict) -> str:
     """The whole results file."""
     listing = lambda d: "\n".join(f"- {key}: {value}" for key, value in d.items())  # noqa: E731
@@ -248,7 +168,7 @@ def report(args, settings: Settings, n: int, batch: int, cases: list[Case], rows
 {listing(info)}
 
 ## Versions
-{listing(versions())}
+{listing(versions(PACKAGES))}
 
 ## Problems and settings
 - `f(z) = tanh(z W^T + x)`, n = {n}, batch {batch}, float32, `z0 = 0`; `x ~ N(0, {INPUT_SCALE}^2)`. "easy": Gaussian

@@ -1,0 +1,109 @@
+"""What every benchmark records beside its timings: the machine, the load from other processes, the versions
+measured, and which copy of our package ran."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import implicit_layers
+import torch
+
+
+def machine() -> dict[str, str]:
+    """CPU, cores, OS, thread counts and load: what a reader needs to compare two results files."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux only; platform.processor() is often empty there
+    if cpuinfo.exists():
+        models = [line.split(":", 1)[1] for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = models[0].strip() if models else cpu
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return {
+        "CPU": cpu,
+        "cores": str(os.cpu_count()),
+        "OS": platform.platform(),
+        "python": platform.python_version(),
+        "torch threads": str(torch.get_num_threads()),
+        "load average (1, 5, 15 min) before the run": load,
+    }
+
+
+def cpu_seconds() -> Optional[tuple[float, float]]:
+    """CPU seconds used so far by the whole machine and by this process; None where ``/proc/stat`` is missing."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    # The first line sums all cores: user nice system idle iowait irq softirq steal ...; idle and iowait are not work.
+    ticks = [int(value) for value in stat.read_text().split("\n", 1)[0].split()[1:9]]
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def others_share(start: Optional[tuple[float, float]], wall_s: float) -> str:
+    """The share of the machine's cores that other processes used since ``start``: the load average cannot tell
+    them from the benchmark itself, and they are what makes timings noisy."""
+    end = cpu_seconds()
+    if start is None or end is None:
+        return "unknown (no /proc/stat)"
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return f"{max(others, 0.0) / (wall_s * os.cpu_count()):.0%} of all cores, over the {wall_s:.0f} s run"
+
+
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of the frameworks and peers, and which copy of our package was measured."""
+    found = {}
+    for package in packages:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    found["implicit_layers"] = our_package()
+    return found
+
+
+def our_package() -> str:
+    """The directory our package was imported from and its git commit (the before/after runs differ here)."""
+    source = Path(implicit_layers.__file__).resolve().parent
+    git = ["git", "-C", str(source)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return f"{source} (not in a git checkout)"
+    changes = " with uncommitted changes" if dirty.stdout.strip() else ""
+    return f"{source} at commit {commit.stdout.strip()}{changes}"
+
+
+def time_in_rounds(calls: dict, warmups: int, repeats: int) -> tuple[dict, dict, dict]:
+    """Time ``calls`` (key -> zero-argument callable) side by side: each one's first call alone, its other
+    ``warmups - 1`` warm-up calls untimed, then ``repeats`` rounds in which every call runs once in turn, so that a
+    slow spell of the machine hits all of them alike.
+
+    Returns the first call's output and seconds per key, the timed rounds' seconds per key, and the exception of
+    every key that raised (a peer's failure is a result to report, not a reason to stop the others)."""
+    firsts, failures = {}, {}
+    for key, call in calls.items():
+        try:
+            start = time.perf_counter()
+            firsts[key] = (call(), time.perf_counter() - start)
+            for _ in range(warmups - 1):
+                call()
+        except Exception as error:
+            failures[key] = error
+    times = {key: [] for key in firsts}
+    for _ in range(repeats):
+        for key in list(times):
+            try:
+                start = time.perf_counter()
+                calls[key]()
+                times[key].append(time.perf_counter() - start)
+            except Exception as error:
+                failures[key] = error
+                del times[key], firsts[key]
+    return firsts, times, failures
