@@ -159,3 +159,90 @@ def check_state_shape(name: str, shape: tuple) -> None:
         )
     if math.prod(shape[1:]) == 0:
         raise ValueError(f"{name} has samples with no elements (shape {tuple(shape)})")
+
+
+ODE_STEP_CONTROLS = ("per_sample", "shared")
+ODE_GRADIENTS = ("backprop", "checkpoint", "adjoint")
+
+
+def check_time_grid(name: str, values: Any) -> float:
+    """Raise unless ``values`` (a plain sequence or NumPy array of floats) is a 1-D strictly increasing or
+    strictly decreasing finite grid of at least two times; return the direction of integration, +1.0 or -1.0."""
+    import numpy as np
+
+    grid = np.asarray(values, dtype=float)
+    if grid.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D grid of times, got shape {grid.shape}")
+    if grid.size < 2:
+        raise ValueError(f"{name} needs at least two times (the initial time and one output time), got {grid.tolist()}")
+    if not np.isfinite(grid).all():
+        raise ValueError(f"{name} contains NaN or Inf: {grid.tolist()}")
+    steps = np.diff(grid)
+    if not ((steps > 0).all() or (steps < 0).all()):
+        raise ValueError(f"{name} must be strictly increasing or strictly decreasing, got {grid.tolist()}")
+    return 1.0 if steps[0] > 0 else -1.0
+
+
+def check_odeint_options(
+    methods: Mapping[str, Any],
+    *,
+    method: Any,
+    rtol: Any,
+    atol: Any,
+    dt: Any,
+    num_steps: Any,
+    first_step: Any,
+    step_control: Any,
+    max_steps: Any,
+    gradient: Any,
+    adjoint_rtol: Any,
+    adjoint_atol: Any,
+    strict: Any,
+    warn: Any,
+) -> dict:
+    """Check every keyword of ``odeint`` (either framework) and return them as plain Python values, with
+    ``adjoint_rtol``/``adjoint_atol`` defaulting to ``rtol``/``atol``.
+
+    ``methods`` maps names to tableaus (``_tableaus.ODE_METHODS``). A fixed-step method needs exactly one of ``dt``
+    and ``num_steps``; an adaptive one takes neither (``first_step`` sets its initial step).
+    """
+    check_choice("method", method, methods)
+    check_choice("step_control", step_control, ODE_STEP_CONTROLS)
+    check_choice("gradient", gradient, ODE_GRADIENTS)
+    options = dict(
+        method=method,
+        rtol=check_tolerance("rtol", rtol),
+        atol=check_tolerance("atol", atol),
+        step_control=step_control,
+        max_steps=check_iteration_limit("max_steps", max_steps),
+        gradient=gradient,
+        strict=check_flag("strict", strict),
+        warn=check_flag("warn", warn),
+        dt=None if dt is None else check_tolerance("dt", dt),
+        num_steps=None if num_steps is None else check_iteration_limit("num_steps", num_steps),
+        first_step=None if first_step is None else check_tolerance("first_step", first_step),
+    )
+    options["adjoint_rtol"] = options["rtol"] if adjoint_rtol is None else check_tolerance("adjoint_rtol", adjoint_rtol)
+    options["adjoint_atol"] = options["atol"] if adjoint_atol is None else check_tolerance("adjoint_atol", adjoint_atol)
+    adaptive = [name for name, tableau in methods.items() if tableau.b_low is not None]
+    fixed = [name for name in methods if name not in adaptive]
+    if method in adaptive:
+        if dt is not None or num_steps is not None:
+            raise ValueError(
+                f"dt={dt!r}, num_steps={num_steps!r} fix the step, but method={method!r} chooses its steps from "
+                f"rtol/atol: drop dt and num_steps (first_step=... sets its initial step), or use a fixed-step "
+                f"method ({', '.join(map(repr, fixed))})"
+            )
+    else:
+        if (dt is None) == (num_steps is None):
+            raise ValueError(
+                f"method={method!r} has no error estimate, so rtol/atol cannot choose its steps: pass exactly one "
+                f"of dt=... (a step size) and num_steps=... (got dt={dt!r}, num_steps={num_steps!r}), or use an "
+                f"adaptive method ({', '.join(map(repr, adaptive))})"
+            )
+        if first_step is not None:
+            raise ValueError(
+                f"first_step={first_step!r} sets the initial step of an adaptive method, but method={method!r} "
+                "takes fixed steps: set them with dt=... or num_steps=..."
+            )
+    return options

@@ -57,3 +57,49 @@ def report_convergence(
     if strict:
         raise ConvergenceError(message)
     warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
+
+
+ODE_HINT = "raise max_steps or loosen rtol/atol; a failed sample (NaN/Inf or step size underflow) points at f or at stiffness"
+
+
+def report_ode_convergence(
+    method, converged, failed, t_reached, final_dt, *, t_start, max_steps, strict, stacklevel=2
+) -> None:
+    """Warn (or, when ``strict``, raise) if some sample of a batched ODE solve did not reach the final time.
+
+    Parameters
+    ----------
+    method : str
+        The integration method, as the message names it.
+    converged, failed : array_like
+        Per-sample flags, shape (B,): reached the final time; stopped on NaN/Inf or a step size underflow.
+    t_reached, final_dt : array_like
+        Per-sample time reached and last step size, shape (B,).
+    t_start : float
+        The initial time, from which "furthest" is measured (the grid may decrease).
+    max_steps : int
+        The step limit the solver ran with, quoted in the message.
+    strict : bool
+        Raise :class:`ConvergenceError` instead of warning.
+    stacklevel : int
+        Passed to :func:`warnings.warn` so the warning points at the caller's code.
+    """
+    import warnings
+
+    import numpy as np
+
+    converged, failed, t_reached, final_dt = (np.asarray(a) for a in (converged, failed, t_reached, final_dt))
+    missed = ~converged
+    if not missed.any():
+        return
+    furthest = t_reached[missed][np.argmax(np.abs(t_reached[missed] - t_start))]
+    message = (
+        f"odeint({method}) did not reach t1 for {int(missed.sum())} of {missed.size} samples "
+        f"(max_steps={max_steps}): furthest t={float(furthest):.6g}, smallest dt {float(np.abs(final_dt[missed]).min()):.3g}"
+    )
+    if failed.any():
+        message += f"; {int(failed.sum())} stopped on NaN/Inf or a step size underflow"
+    message += f"; {ODE_HINT}"
+    if strict:
+        raise ConvergenceError(message)
+    warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
