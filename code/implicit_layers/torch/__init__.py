@@ -1,5 +1,5 @@
 """PyTorch implicit layers. One subpackage per family (``fixed_points``: batched fixed-point solvers and their
-implicit gradients), with every public name also importable from here."""
+implicit gradients; ``ode``: batched ODE integration), with every public name also importable from here."""
 
 from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
 from .fixed_points import (
@@ -15,14 +15,17 @@ from .fixed_points import (
     gmres,
     newton,
 )
+from .ode import ODE_METHODS, ODEResult, odeint
 from .utils import autograd_graph_bytes, default_device, peak_memory_bytes, seed_everything
 
 __all__ = [
     "BACKWARD_SOLVERS",
+    "ODE_METHODS",
     "SOLVERS",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointLayer",
+    "ODEResult",
     "SolverResult",
     "UnsupportedDerivativeError",
     "anderson",
@@ -34,6 +37,7 @@ __all__ = [
     "forward_iteration",
     "gmres",
     "newton",
+    "odeint",
     "peak_memory_bytes",
     "seed_everything",
 ]

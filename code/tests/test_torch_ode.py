@@ -1,0 +1,352 @@
+"""odeint in PyTorch: accuracy against SciPy and closed forms, orders of convergence, step control, dense output,
+gradients in every mode, and every refusal and warning. Float64 throughout."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import implicit_layers.torch as ilt
+from implicit_layers._tableaus import ODE_METHODS
+from implicit_layers.errors import ConvergenceError, ConvergenceWarning
+from implicit_layers.torch.ode._loop import rk_step
+
+ADAPTIVE = ("bosh3", "dopri5", "tsit5")
+FIXED = ("euler", "midpoint", "rk4")
+DTYPE = torch.float64
+
+# A damped rotation: y' = A y, with y(t) = expm(A t) y0.
+ROTATION = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=DTYPE)
+
+
+def linear(t, y):
+    return y @ ROTATION.T
+
+
+def lotka_volterra(t, y):
+    return torch.stack([1.5 * y[:, 0] - y[:, 0] * y[:, 1], -3.0 * y[:, 1] + y[:, 0] * y[:, 1]], dim=1)
+
+
+def van_der_pol(t, y):
+    return torch.stack([y[:, 1], (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], dim=1)
+
+
+def lorenz(t, y):
+    return torch.stack(
+        [10 * (y[:, 1] - y[:, 0]), y[:, 0] * (28 - y[:, 2]) - y[:, 1], y[:, 0] * y[:, 1] - 8 / 3 * y[:, 2]], dim=1
+    )
+
+
+PROBLEMS = {
+    "linear": (linear, [[1.0, 0.0], [0.5, 0.3]], 5.0),
+    "lotka_volterra": (lotka_volterra, [[1.0, 1.0], [2.0, 0.5]], 5.0),
+    "van_der_pol": (van_der_pol, [[2.0, 0.0], [0.5, 0.5]], 5.0),
+    "lorenz": (lorenz, [[1.0, 1.0, 1.0], [-2.0, 3.0, 20.0]], 1.0),
+}
+
+
+def linear_exact(y0, times):
+    return torch.stack([y0 @ torch.linalg.matrix_exp(ROTATION * float(s)).T for s in times])
+
+
+def scipy_reference(f, y0, times):
+    """DOP853 at rtol = atol = 1e-12, one sample at a time, shape (T, B, ...)."""
+
+    def field(s, y):
+        return f(torch.tensor([s], dtype=DTYPE), torch.tensor(y, dtype=DTYPE)[None])[0].numpy()
+
+    solutions = [
+        solve_ivp(field, (float(times[0]), float(times[-1])), sample.numpy(), method="DOP853", rtol=1e-12,
+                  atol=1e-12, t_eval=times.numpy()).y.T
+        for sample in y0
+    ]
+    return torch.tensor(np.stack(solutions, axis=1))
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_methods_match_scipy_within_a_multiple_of_the_tolerance(problem, method):
+    """Max error over outputs and samples, in units of rtol * (1 + max|y|): below 20 at every tolerance, and it
+    falls at least 20-fold per 100-fold tighter tolerance."""
+    f, y0, t_end = PROBLEMS[problem]
+    y0 = torch.tensor(y0, dtype=DTYPE)
+    times = torch.linspace(0.0, t_end, 6, dtype=DTYPE)
+    reference = scipy_reference(f, y0, times)
+    if problem == "linear":
+        torch.testing.assert_close(reference, linear_exact(y0, times), rtol=0, atol=1e-10)
+    errors = []
+    for rtol in (1e-4, 1e-6, 1e-8):
+        ys, result = ilt.odeint(f, y0, times, method=method, rtol=rtol, atol=rtol)
+        assert result.status == "converged"
+        error = float((ys - reference).abs().max())
+        assert error <= 20 * rtol * (1 + float(reference.abs().max())), (rtol, error)
+        errors.append(error)
+    assert errors[1] < errors[0] / 20 and errors[2] < errors[1] / 20, errors
+
+
+def global_error_of_fixed_steps(step, num_steps):
+    """Error at t = 2 of the damped rotation after ``num_steps`` uniform steps of ``step(t, y, dt) -> y``."""
+    y = torch.tensor([[1.0, 0.5]], dtype=DTYPE)
+    dt = torch.full((1,), 2.0 / num_steps, dtype=DTYPE)
+    t = torch.zeros(1, dtype=DTYPE)
+    for _ in range(num_steps):
+        y = step(t, y, dt)
+        t = t + dt
+    return float((y - linear_exact(torch.tensor([[1.0, 0.5]], dtype=DTYPE), [2.0])[0]).abs().max())
+
+
+def observed_order(step, steps=(16, 32)):
+    coarse, fine = (global_error_of_fixed_steps(step, n) for n in steps)
+    return math.log2(coarse / fine)
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_fixed_step_methods_converge_at_their_order(method):
+    def step(t, y, dt):
+        ys, _ = ilt.odeint(linear, y, torch.stack([t[0], t[0] + dt[0]]), method=method, num_steps=1)
+        return ys[-1]
+
+    assert observed_order(step) == pytest.approx(ODE_METHODS[method].order, abs=0.3)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_tableaus_main_and_embedded_weights_converge_at_their_orders(method):
+    """Fixed steps through the solver's own step function: y1 has the tableau's order, y1 - error one less."""
+    tableau = ODE_METHODS[method]
+
+    def main(t, y, dt):
+        return rk_step(linear, t, y, linear(t, y), dt, tableau)[0]
+
+    def embedded(t, y, dt):
+        y1, _, error, _ = rk_step(linear, t, y, linear(t, y), dt, tableau)
+        return y1 - error
+
+    assert observed_order(main, steps=(8, 16)) == pytest.approx(tableau.order, abs=0.3)
+    assert observed_order(embedded, steps=(8, 16)) == pytest.approx(tableau.order - 1, abs=0.3)
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_fixed_steps_dt_and_num_steps_agree(method):
+    y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)
+    by_dt, result = ilt.odeint(linear, y0, [0.0, 1.0], method=method, dt=0.1)
+    by_count, _ = ilt.odeint(linear, y0, [0.0, 1.0], method=method, num_steps=10)
+    assert result.num_accepted.tolist() == [10]
+    torch.testing.assert_close(by_dt, by_count, rtol=0, atol=1e-13)
+
+
+def easy_and_hard():
+    """Sample 0 barely moves, sample 1 oscillates fast: y' = -k_b * rotate(y) with k = (0.05, 20)."""
+    rates = torch.tensor([0.05, 20.0], dtype=DTYPE)
+
+    def f(t, y):
+        return rates[:, None] * torch.stack([y[:, 1], -y[:, 0]], dim=1)
+
+    def exact(y0, times):
+        angle = rates[None, :] * times[:, None]
+        c, s = torch.cos(angle), torch.sin(angle)
+        return torch.stack([c * y0[:, 0] + s * y0[:, 1], -s * y0[:, 0] + c * y0[:, 1]], dim=2)
+
+    return f, exact
+
+
+def test_per_sample_control_takes_fewer_steps_on_the_easy_sample_than_shared():
+    f, exact = easy_and_hard()
+    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    times = torch.linspace(0, 2, 5, dtype=DTYPE)
+    steps = {}
+    for control in ("per_sample", "shared"):
+        ys, result = ilt.odeint(f, y0, times, step_control=control, rtol=1e-8, atol=1e-8)
+        assert float((ys - exact(y0, times)).abs().max()) < 1e-6
+        steps[control] = result.num_accepted.tolist()
+    assert steps["shared"][0] == steps["shared"][1]
+    assert steps["per_sample"][0] * 5 < steps["shared"][0]
+    assert steps["per_sample"][1] == pytest.approx(steps["shared"][1], rel=0.2)
+
+
+@pytest.mark.parametrize("method", ("rk4", "tsit5"))
+def test_a_batched_solve_equals_one_solve_per_sample(method):
+    f, _ = easy_and_hard()
+    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    options = dict(method=method, dt=0.01) if method == "rk4" else dict(method=method)
+    batched, result = ilt.odeint(f, y0, [0.0, 0.7, 1.5], **options)
+    for index in range(2):
+        rates_f = lambda t, y, i=index: f(t.expand(2), y.expand(2, -1))[i : i + 1]  # noqa: E731
+        alone, alone_result = ilt.odeint(rates_f, y0[index : index + 1], [0.0, 0.7, 1.5], **options)
+        torch.testing.assert_close(batched[:, index : index + 1], alone, rtol=0, atol=1e-14)
+        assert result.num_accepted[index] == alone_result.num_accepted[0]
+
+
+@pytest.mark.parametrize("method", ("dopri5", "rk4"))
+def test_a_decreasing_grid_integrates_backwards(method):
+    y0 = torch.tensor([[1.0, 0.0], [0.5, 0.3]], dtype=DTYPE)
+    times = torch.linspace(3.0, 0.0, 4, dtype=DTYPE)
+    options = dict(rtol=1e-9, atol=1e-9) if method == "dopri5" else dict(dt=0.01)
+    ys, result = ilt.odeint(linear, y0, times, method=method, **options)
+    torch.testing.assert_close(ys, linear_exact(y0, times - 3.0), rtol=0, atol=1e-8)
+    assert result.t_reached.tolist() == [0.0, 0.0]
+    assert bool((result.final_dt < 0).all())
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_dense_output_at_many_times_is_accurate_without_extra_steps(method):
+    y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)
+    many = torch.linspace(0.0, 5.0, 401, dtype=DTYPE)
+    ys, result = ilt.odeint(linear, y0, many, method=method, rtol=1e-8, atol=1e-8)
+    _, ends_only = ilt.odeint(linear, y0, many[[0, -1]], method=method, rtol=1e-8, atol=1e-8)
+    assert result.num_accepted.tolist() == ends_only.num_accepted.tolist()
+    assert float((ys - linear_exact(y0, many)).abs().max()) < 1e-6
+
+
+def test_counters_and_record():
+    y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)
+    _, result = ilt.odeint(linear, y0, [0.0, 1.0], method="dopri5")
+    # One initial derivative, one trial of the initial step selection, six new stages per attempted step (FSAL).
+    attempted = result.num_accepted + result.num_rejected
+    assert result.nfe.tolist() == (2 + 6 * attempted).tolist()
+    assert result.converged.tolist() == [True] and result.failed.tolist() == [False]
+    assert result.status == "converged" and isinstance(result, ilt.ODEResult)
+    _, result = ilt.odeint(linear, y0, [0.0, 1.0], method="rk4", num_steps=5)
+    assert result.nfe.tolist() == [1 + 4 * 5]
+
+
+# Gradients ---------------------------------------------------------------------------------------------------
+
+
+def make_field(weight):
+    def f(t, y):
+        return torch.tanh(y @ weight.T) - 0.2 * y
+    return f
+
+
+def solve_for_gradient(gradient, method="dopri5", **options):
+    def run(y0, weight):
+        extra = dict(params=[weight]) if gradient == "adjoint" else {}
+        ys, _ = ilt.odeint(make_field(weight), y0, [0.0, 0.4, 1.0], method=method, gradient=gradient,
+                           **extra, **options)
+        return ys[1:]
+    return run
+
+
+def gradient_inputs():
+    generator = torch.Generator().manual_seed(0)
+    y0 = torch.randn(2, 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    weight = torch.randn(2, 2, generator=generator, dtype=DTYPE, requires_grad=True)
+    return y0, weight
+
+
+@pytest.mark.parametrize("gradient", ("backprop", "checkpoint"))
+def test_discrete_gradients_pass_gradcheck(gradient):
+    """rk4 with fixed steps is a smooth map, so finite differences see exactly what autograd differentiates."""
+    assert torch.autograd.gradcheck(solve_for_gradient(gradient, method="rk4", num_steps=8), gradient_inputs())
+
+
+@pytest.mark.parametrize("gradient", ("backprop", "checkpoint", "adjoint"))
+def test_adaptive_gradients_pass_gradcheck_at_tight_tolerances(gradient):
+    """Step sizes carry no gradient, so finite differences see them move: at rtol 1e-11 that is below 1e-6."""
+    run = solve_for_gradient(gradient, rtol=1e-11, atol=1e-11)
+    assert torch.autograd.gradcheck(run, gradient_inputs(), atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_equals_backprop():
+    y0, weight = gradient_inputs()
+    gradients = []
+    for gradient in ("backprop", "checkpoint"):
+        ys = solve_for_gradient(gradient, method="tsit5", rtol=1e-6, atol=1e-6)(y0, weight)
+        gradients.append(torch.autograd.grad((ys**2).sum(), (y0, weight)))
+    for with_backprop, with_checkpoint in zip(*gradients):
+        torch.testing.assert_close(with_checkpoint, with_backprop, rtol=0, atol=1e-10)
+
+
+def test_adjoint_approaches_backprop_as_its_tolerances_shrink():
+    y0, weight = gradient_inputs()
+    exact = torch.autograd.grad((solve_for_gradient("backprop", rtol=1e-12, atol=1e-12)(y0, weight) ** 2).sum(),
+                                (y0, weight))
+    gaps = []
+    for tolerance in (1e-4, 1e-7, 1e-10):
+        ys = solve_for_gradient("adjoint", rtol=1e-12, atol=1e-12, adjoint_rtol=tolerance,
+                                adjoint_atol=tolerance)(y0, weight)
+        adjoint = torch.autograd.grad((ys**2).sum(), (y0, weight))
+        gaps.append(max(float((a - b).abs().max()) for a, b in zip(adjoint, exact)))
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-8, gaps
+
+
+def test_adjoint_takes_a_modules_parameters_by_default():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(DTYPE)
+    field = type("Field", (torch.nn.Module,), {"forward": lambda self, t, y: module(y)})()
+    field.net = module
+    y0 = torch.randn(3, 2, dtype=DTYPE)
+    grads = {}
+    for gradient in ("backprop", "adjoint"):
+        ys, _ = ilt.odeint(field, y0, [0.0, 1.0], gradient=gradient, rtol=1e-10, atol=1e-10)
+        grads[gradient] = torch.autograd.grad(ys[-1].sum(), list(module.parameters()))
+    for a, b in zip(grads["adjoint"], grads["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+# Refusals and warnings ---------------------------------------------------------------------------------------
+
+Y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        (dict(t=[[0.0, 1.0]]), ValueError, "t must be a 1-D grid"),
+        (dict(t=[0.0]), ValueError, "t needs at least two times"),
+        (dict(t=[0.0, 1.0, 0.5]), ValueError, "strictly increasing or strictly decreasing"),
+        (dict(t=[0.0, math.nan]), ValueError, "t contains NaN or Inf"),
+        (dict(y0=torch.tensor([[math.inf, 0.0]])), ValueError, "y0 contains NaN or Inf"),
+        (dict(y0=torch.tensor([[1, 0]])), TypeError, "y0 must have a floating-point dtype"),
+        (dict(y0=torch.tensor([1.0, 0.0])), ValueError, "y0 must have shape"),
+        (dict(f=lambda t, y: y[:, :1]), ValueError, "f\\(t, y\\) must return a tensor of y's shape"),
+        (dict(f=lambda t, y: y.float()), ValueError, "f\\(t, y\\) must return a tensor of y's dtype"),
+        (dict(method="rk45"), ValueError, "unknown method 'rk45'"),
+        (dict(step_control="global"), ValueError, "unknown step_control 'global'"),
+        (dict(gradient="unrolled"), ValueError, "unknown gradient 'unrolled'"),
+        (dict(rtol=0.0), ValueError, "rtol must be a positive"),
+        (dict(atol=-1.0), ValueError, "atol must be a positive"),
+        (dict(max_steps=0), ValueError, "max_steps must be a positive integer"),
+        (dict(method="rk4", dt=-0.1), ValueError, "dt must be a positive"),
+        (dict(method="rk4"), ValueError, "method='rk4' has no error estimate.*dt=.*num_steps=.*adaptive method"),
+        (dict(method="rk4", dt=0.1, num_steps=10), ValueError, "exactly one of dt=... .* and num_steps"),
+        (dict(method="rk4", dt=0.1, first_step=0.1), ValueError, "first_step=0.1 sets the initial step"),
+        (dict(method="dopri5", dt=0.1), ValueError, "dt=0.1, num_steps=None fix the step, but method='dopri5'"),
+        (dict(gradient="adjoint"), ValueError, "gradient='adjoint' needs to know which tensors.*params="),
+        (dict(params=[torch.ones(1)]), ValueError, "params= lists the tensors that gradient='adjoint'"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(arguments, error, message):
+    call = {**dict(f=linear, y0=Y0, t=[0.0, 1.0]), **arguments}
+    with pytest.raises(error, match=message):
+        ilt.odeint(call.pop("f"), call.pop("y0"), call.pop("t"), **call)
+
+
+def test_running_out_of_steps_warns_with_what_was_reached_or_raises_when_strict():
+    f, _ = easy_and_hard()
+    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    with pytest.warns(ConvergenceWarning, match=r"did not reach t1 for 1 of 2 samples \(max_steps=20\): furthest t="):
+        ys, result = ilt.odeint(f, y0, [0.0, 1.0, 2.0], max_steps=20)
+    assert result.converged.tolist() == [True, False] and result.status == "max_steps"
+    assert 0 < float(result.t_reached[1]) < 2.0 and bool(torch.isnan(ys[-1, 1]).all())
+    with pytest.raises(ConvergenceError, match="raise max_steps"):
+        ilt.odeint(f, y0, [0.0, 2.0], max_steps=20, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ilt.odeint(f, y0, [0.0, 2.0], max_steps=20, warn=False)
+
+
+@pytest.mark.parametrize("method", ("dopri5", "euler"))
+def test_a_blow_up_marks_the_sample_failed(method):
+    """y' = y**2 from y(0) = 1 blows up at t = 1; the sample starting at 0.1 lives to t = 10, past the end at 2."""
+    y0 = torch.tensor([[1.0], [0.1]], dtype=DTYPE)
+    options = dict(dt=0.01) if method == "euler" else {}
+    with pytest.warns(ConvergenceWarning, match="1 stopped on NaN/Inf or a step size underflow"):
+        _, result = ilt.odeint(lambda t, y: y**2, y0, [0.0, 2.0], method=method, **options)
+    assert result.failed.tolist() == [True, False] and result.converged.tolist() == [False, True]
+    assert result.status == "failed"
+    # The adaptive solver stops at the singularity; explicit Euler lags the blow-up and overflows a little later.
+    assert float(result.t_reached[0]) < (1.0 + 1e-6 if method == "dopri5" else 2.0)
