@@ -287,6 +287,52 @@ def test_adjoint_takes_a_modules_parameters_by_default():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize(
+    "method, options",
+    [("rk4", dict(num_steps=200)), ("dopri5", dict(step_control="shared")), ("tsit5", dict(decreasing=True))],
+)
+def test_adjoint_matches_backprop_across_methods_controls_and_directions(method, options):
+    options = dict(options)
+    times = [1.0, 0.6, 0.0] if options.pop("decreasing", False) else [0.0, 0.4, 1.0]
+    if method != "rk4":
+        options.update(rtol=1e-10, atol=1e-10)
+    y0, weight = gradient_inputs()
+    grads = {}
+    for gradient in ("backprop", "adjoint"):
+        extra = dict(params=[weight]) if gradient == "adjoint" else {}
+        ys, _ = ilt.odeint(make_field(weight), y0, times, method=method, gradient=gradient, **extra, **options)
+        grads[gradient] = torch.autograd.grad((ys[1:] ** 2).sum(), (y0, weight))
+    # rk4's discrete gradient differs from the continuous one by its O(dt**4) error; the adaptive ones by rtol.
+    for a, b in zip(grads["adjoint"], grads["backprop"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+
+
+def test_finished_samples_never_evaluate_f_past_the_end():
+    """f = -k y sqrt(1 - t) is NaN past t = 1; the fast sample finishes first and must not step beyond it, or
+    its discarded steps would put NaN into the gradient. y(1) = y0 exp(-2k/3)."""
+    rates = torch.tensor([0.1, 30.0], dtype=DTYPE)
+    y0 = torch.ones(2, 1, dtype=DTYPE, requires_grad=True)
+    ys, result = ilt.odeint(lambda t, y: -rates[:, None] * y * torch.sqrt(1 - t)[:, None], y0, [0.0, 1.0],
+                            rtol=1e-10, atol=1e-10)
+    assert result.num_accepted[0] < result.num_accepted[1]
+    (gradient,) = torch.autograd.grad(ys[-1].sum(), y0)
+    torch.testing.assert_close(gradient[:, 0], torch.exp(-2 * rates / 3), rtol=1e-7, atol=1e-10)
+
+
+def test_at_most_one_host_synchronization_per_step(monkeypatch):
+    """Every way of reading a tensor's value on the host is counted while a batch of samples integrates."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    f, _ = easy_and_hard()
+    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    _, result = ilt.odeint(f, y0, torch.linspace(0, 2, 5, dtype=DTYPE), rtol=1e-8, atol=1e-8)
+    monkeypatch.undo()
+    loop_steps = int((result.num_accepted + result.num_rejected).max())
+    assert loop_steps > 50 and len(reads) <= loop_steps + 5, (loop_steps, len(reads))
+
+
 # Refusals and warnings ---------------------------------------------------------------------------------------
 
 Y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)

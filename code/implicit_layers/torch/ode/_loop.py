@@ -229,7 +229,10 @@ def integrate(
     stages_per_step = len(tableau.c) - 1 + (0 if tableau.fsal else 1)
 
     for step_index in range(max_steps):
-        y1, f1, error, y_mid = step(f, t, y, f_now, dt_now, tableau)
+        # Frozen samples take a step of zero, so f only ever sees states and times a sample has reached (a
+        # field undefined past t1 cannot put NaN into the gradient through the branch torch.where discards).
+        dt_step = torch.where(running, dt_now, torch.zeros_like(dt_now))
+        y1, f1, error, y_mid = step(f, t, y, f_now, dt_step, tableau)
         if adaptive:
             ratio = error_ratio(error, y, y1, rtol, atol)
             if shared:
@@ -252,7 +255,7 @@ def integrate(
         passed = torch.searchsorted(grid, t_new.contiguous(), right=True)
         first_passed = torch.where(move, next_output, num_outputs).amin()
         last_passed = torch.where(move, passed, 0).amax()
-        t_old, dt_used = t, dt_now
+        t_old = t
         t = torch.where(move, t_new, t)
         move_state = per_sample(move, y)
         y_old, f_old = y, f_now
@@ -276,9 +279,9 @@ def integrate(
         ).tolist()
         for index in range(first_passed, last_passed):
             emit = move & (next_output <= index) & (passed > index)
-            theta = ((grid[index] - t_old) / dt_used).clamp(0, 1)
+            theta = ((grid[index] - t_old) / torch.where(emit, dt_step, torch.ones_like(dt_step))).clamp(0, 1)
             theta = torch.where(grid[index] >= t_new, torch.ones_like(theta), theta)
-            value = interpolate(theta, y_old, y1, f_old, f1, y_mid, dt_used)
+            value = interpolate(theta, y_old, y1, f_old, f1, y_mid, dt_step)
             ys[index] = torch.where(per_sample(emit, y), value, ys[index])
         next_output = torch.where(move, passed, next_output)
         running = still
