@@ -333,6 +333,22 @@ def test_at_most_one_host_synchronization_per_step(monkeypatch):
     assert loop_steps > 50 and len(reads) <= loop_steps + 5, (loop_steps, len(reads))
 
 
+def test_memory_checkpoint_keeps_less_than_backprop_and_the_adjoint_least():
+    """Bytes autograd holds for the backward pass: every stage's activations (backprop), each step's input state
+    and derivative (checkpoint), the outputs alone (adjoint)."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(DTYPE)
+    y0 = torch.randn(16, 4, dtype=DTYPE)
+    held = {}
+    for gradient in ("backprop", "checkpoint", "adjoint"):
+        extra = dict(params=list(network.parameters())) if gradient == "adjoint" else {}
+        (_, result), held[gradient] = ilt.autograd_graph_bytes(
+            lambda: ilt.odeint(lambda t, y: network(y), y0, [0.0, 3.0], gradient=gradient, **extra)
+        )
+    assert int(result.num_accepted.max()) > 10
+    assert held["adjoint"] * 5 < held["checkpoint"] and held["checkpoint"] * 3 < held["backprop"], held
+
+
 # Refusals and warnings ---------------------------------------------------------------------------------------
 
 Y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)

@@ -180,6 +180,7 @@ def integrate(
     shared: bool = False,
     max_steps: int,
     step: Step = rk_step,
+    on_step: Optional[Callable] = None,
 ) -> tuple[torch.Tensor, ODEResult]:
     """Integrate ``y' = f(t, y)`` from ``grid[0]`` to ``grid[-1]`` on a strictly increasing ``grid`` (T,), giving
     ``ys`` (T, B, ...) by each step's dense output as steps pass the grid's times.
@@ -189,6 +190,10 @@ def integrate(
     largest error ratio among running samples. The one host synchronization per step reads whether any sample
     still runs and which grid times the step passed. Step sizes, times and error ratios are detached: gradients
     flow through the states only. Unreached outputs are NaN (and the caller warns).
+
+    ``on_step(t, y, dt, accepted)``, if given, is called after each step with the step's start, per-sample step
+    size (zero for frozen samples) and acceptance, before ``f`` is evaluated again (the adjoint accumulates its
+    parameter gradient there).
     """
     batch = y0.shape[0]
     device, dtype = y0.device, y0.dtype
@@ -246,6 +251,8 @@ def integrate(
             t_new = edges[min(step_index + 1, len(edges) - 1)].expand(batch)
             ratio = dt_next = None
         move = running & accept
+        if on_step is not None:
+            on_step(t, y, dt_step, move)
         if f1 is None:
             f1 = f(t_new, y1)
         nfe = nfe + running * stages_per_step

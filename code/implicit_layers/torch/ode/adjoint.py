@@ -18,9 +18,10 @@ def adjoint_integrate(field, y0, grid, params, *, adjoint_rtol, adjoint_atol, st
     torchdiffeq does), so the backward trajectory of ``y`` does not drift from the forward one. The gradient is
     that of the exact solution, within the adjoint tolerances of the discrete solver's.
 
-    The parameter part ``g`` is integrated per sample (each sample keeps its own clock), from batched
-    vector-Jacobian products (``torch.autograd.grad(..., is_grads_batched=True)``), and summed over the batch
-    at the end; that costs memory B times the number of parameters during the backward pass.
+    ``(y, a)`` is the integrated state, per sample, and its error alone steers the steps. ``g`` has no batch
+    axis, so it is not part of that state: each accepted step adds its quadrature of ``a^T df/dparams`` at the
+    step's stages, weighted by ``b`` and each sample's own step size, in one vector-Jacobian product through
+    the stages' evaluations of ``f`` (torchdiffeq's "seminorm" choice of excluding ``g`` from error control).
     """
     record = []
     ys = _Adjoint.apply(
@@ -31,6 +32,50 @@ def adjoint_integrate(field, y0, grid, params, *, adjoint_rtol, adjoint_atol, st
         *params,
     )
     return ys, record[0]
+
+
+class _AugmentedField:
+    """The adjoint system in reversed time ``u = -t`` on ``z = (y, a)`` stacked along dimension 1:
+    ``dz/du = (-f, a^T df/dy)``. It keeps each stage's evaluation of ``f`` with its graph until the loop
+    reports the step's acceptance, then adds the step's share of ``g``."""
+
+    def __init__(self, field, params, tableau):
+        self.field, self.params, self.tableau = field, params, tableau
+        self.stages = []
+        self.gradients = [torch.zeros_like(param) for param in params]
+
+    def __call__(self, u, z):
+        y, a = z.unbind(dim=1)
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            value = self.field(-u, y)
+            (a_dot,) = torch.autograd.grad(value, y, a, retain_graph=bool(self.params), allow_unused=True)
+        if self.params:
+            self.stages.append((value, a))
+        return torch.stack([-value.detach(), torch.zeros_like(a) if a_dot is None else a_dot], dim=1)
+
+    def accumulate(self, u, z, dt, accepted):
+        """Add ``sum_i b_i h a_i^T df/dparams(stage i)`` over the accepted samples; the first stage, carried
+        from the last step rather than evaluated, is evaluated again here for its graph."""
+        if not self.params:
+            return
+        # The step's own stages 1..s-1 are the latest evaluations; earlier ones (the loop's start, the initial
+        # step's trial, a fixed-step method's evaluation at the new state) carry no quadrature weight.
+        count = len(self.tableau.c) - 1
+        stages = self.stages[len(self.stages) - count :]
+        self.stages = []
+        self(u, z)
+        stages = [self.stages.pop()] + stages
+        weight = torch.where(accepted, dt, torch.zeros_like(dt))
+        values, cotangents = [], []
+        for b, (value, a) in zip(self.tableau.b, stages):
+            if b:
+                values.append(value)
+                cotangents.append(b * weight.view(-1, *[1] * (a.ndim - 1)) * a)
+        grads = torch.autograd.grad(values, self.params, cotangents, allow_unused=True)
+        for total, grad in zip(self.gradients, grads):
+            if grad is not None:
+                total += grad
 
 
 class _Adjoint(torch.autograd.Function):
@@ -50,43 +95,16 @@ class _Adjoint(torch.autograd.Function):
         settings = dict(context["settings"])
         if settings["num_steps"] is not None:
             # The same uniform step as the forward solve, on each interval between output times.
-            settings["dt"] = float(grid[-1] - grid[0]) / settings.pop("num_steps")
+            settings["dt"] = float(grid[-1] - grid[0]) / settings["num_steps"]
             settings["num_steps"] = None
         settings.update(rtol=context["rtol"], atol=context["atol"], first_step=None)
-        field = context["field"]
-        state_shape = ys.shape[1:]
-        batch, size = state_shape[0], ys[0][0].numel()
-        param_sizes = [param.numel() for param in params]
-
-        def augmented(u, z):
-            # Time runs backwards: u = -t, so d/du of (y, a, g) is (-f, a^T df/dy, a^T df/dparams).
-            y = z[:, :size].reshape(state_shape)
-            a = z[:, size : 2 * size].reshape(state_shape)
-            with torch.enable_grad():
-                y = y.detach().requires_grad_(True)
-                value = field(-u, y)
-                (a_dot,) = torch.autograd.grad(value, y, a, retain_graph=bool(params), allow_unused=True)
-                a_dot = torch.zeros_like(y) if a_dot is None else a_dot
-                pieces = [-value.detach().flatten(1), a_dot.flatten(1)]
-                if params:
-                    # Cotangent b of the batch is sample b's adjoint alone, so each row is one sample's gradient.
-                    one_hot = torch.eye(batch, dtype=a.dtype, device=a.device).view(batch, batch, *[1] * (a.ndim - 1))
-                    grads = torch.autograd.grad(
-                        value, params, one_hot * a.unsqueeze(0), is_grads_batched=True, allow_unused=True
-                    )
-                    pieces += [
-                        torch.zeros(batch, n, dtype=a.dtype, device=a.device) if g is None else g.reshape(batch, -1)
-                        for g, n in zip(grads, param_sizes)
-                    ]
-            return torch.cat(pieces, dim=1)
-
+        augmented = _AugmentedField(context["field"], params, settings["tableau"])
         a = grad_ys[-1]
-        totals = [torch.zeros_like(param) for param in params]
         for index in range(len(grid) - 1, 0, -1):
-            z0 = torch.cat(
-                [ys[index].flatten(1), a.flatten(1), ys.new_zeros(batch, sum(param_sizes))], dim=1
+            zs, result = integrate(
+                augmented, torch.stack([ys[index], a], dim=1), torch.stack([-grid[index], -grid[index - 1]]),
+                on_step=augmented.accumulate, **settings,
             )
-            zs, result = integrate(augmented, z0, torch.stack([-grid[index], -grid[index - 1]]), **settings)
             if context["warn"] or context["strict"]:
                 report_ode_convergence(
                     f"{settings['tableau'].name}, adjoint",
@@ -96,10 +114,5 @@ class _Adjoint(torch.autograd.Function):
                     strict=context["strict"],
                     stacklevel=2,
                 )
-            z1 = zs[-1]
-            a = z1[:, size : 2 * size].reshape(state_shape) + grad_ys[index - 1]
-            offset = 2 * size
-            for total, n in zip(totals, param_sizes):
-                total += z1[:, offset : offset + n].sum(dim=0).view_as(total)
-                offset += n
-        return (None, None, a, *totals)
+            a = zs[-1][:, 1] + grad_ys[index - 1]
+        return (None, None, a, *augmented.gradients)
