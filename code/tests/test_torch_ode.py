@@ -412,3 +412,14 @@ def test_a_blow_up_marks_the_sample_failed(method):
     assert result.status == "failed"
     # The adaptive solver stops at the singularity; explicit Euler lags the blow-up and overflows a little later.
     assert float(result.t_reached[0]) < (1.0 + 1e-6 if method == "dopri5" else 2.0)
+
+
+def test_an_adjoint_solve_that_runs_out_of_steps_warns_in_the_backward_pass():
+    """The forward solve runs from t = 2 to 0; the backward one from 0 towards 2 stops short, and says where."""
+    y0, weight = gradient_inputs()
+    ys, result = ilt.odeint(make_field(weight), y0, [2.0, 0.0], rtol=1e-3, atol=1e-3, max_steps=12,
+                            gradient="adjoint", params=[weight], adjoint_rtol=1e-12, adjoint_atol=1e-12)
+    assert result.status == "converged"
+    with pytest.warns(ConvergenceWarning, match=r"odeint\(dopri5, adjoint\) did not reach t1 .*furthest t=0\.\d"):
+        ys[-1].sum().backward()
+

@@ -257,7 +257,8 @@ def integrate(
             f1 = f(t_new, y1)
         nfe = nfe + running * stages_per_step
         num_accepted = num_accepted + move
-        num_rejected = num_rejected + (running & ~accept)
+        if adaptive:
+            num_rejected = num_rejected + (running & ~accept)
 
         passed = torch.searchsorted(grid, t_new.contiguous(), right=True)
         first_passed = torch.where(move, next_output, num_outputs).amin()

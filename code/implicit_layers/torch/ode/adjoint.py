@@ -9,7 +9,7 @@ from ...errors import report_ode_convergence
 from ._loop import integrate
 
 
-def adjoint_integrate(field, y0, grid, params, *, adjoint_rtol, adjoint_atol, strict, warn, **settings):
+def adjoint_integrate(field, y0, grid, params, *, direction, adjoint_rtol, adjoint_atol, strict, warn, **settings):
     """Integrate as ``integrate`` does, without recording the steps; the backward pass solves the adjoint system.
 
     For a loss ``L`` of the outputs, ``a(t) = dL/dy(t)`` and ``g = dL/dparams`` solve, from ``t[-1]`` back to
@@ -22,11 +22,14 @@ def adjoint_integrate(field, y0, grid, params, *, adjoint_rtol, adjoint_atol, st
     axis, so it is not part of that state: each accepted step adds its quadrature of ``a^T df/dparams`` at the
     step's stages, weighted by ``b`` and each sample's own step size, in one vector-Jacobian product through
     the stages' evaluations of ``f`` (torchdiffeq's "seminorm" choice of excluding ``g`` from error control).
+
+    ``field`` and ``grid`` are in the increasing time ``odeint`` integrates in; ``direction`` (+1 or -1) turns
+    times back into the caller's for the backward solve's warnings.
     """
     record = []
     ys = _Adjoint.apply(
         dict(field=field, settings=settings, rtol=adjoint_rtol, atol=adjoint_atol, strict=strict, warn=warn,
-             record=record),
+             direction=direction, record=record),
         grid,
         y0,
         *params,
@@ -108,8 +111,10 @@ class _Adjoint(torch.autograd.Function):
             if context["warn"] or context["strict"]:
                 report_ode_convergence(
                     f"{settings['tableau'].name}, adjoint",
-                    *(v.cpu().numpy() for v in (result.converged, result.failed, -result.t_reached, -result.final_dt)),
-                    t_start=float(grid[index]),
+                    result.converged.cpu().numpy(),
+                    result.failed.cpu().numpy(),
+                    *(-context["direction"] * v.cpu().numpy() for v in (result.t_reached, result.final_dt)),
+                    t_start=context["direction"] * float(grid[index]),
                     max_steps=settings["max_steps"],
                     strict=context["strict"],
                     stacklevel=2,

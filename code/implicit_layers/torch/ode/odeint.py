@@ -62,7 +62,8 @@ def odeint(
         The initial step of an adaptive method; by default Hairer-Norsett-Wanner's estimate, per sample.
     step_control : str
         ``"per_sample"``: each sample its own step size and acceptance; ``"shared"``: one step size for the
-        batch, set by the largest error ratio among running samples.
+        batch, set by the largest error ratio among running samples (so one sample whose state becomes NaN/Inf
+        shrinks the step of all, and with a step size underflow they all fail).
     max_steps : int
         Steps (accepted and rejected) each sample may attempt.
     gradient : str
@@ -138,7 +139,7 @@ def odeint(
     grid = direction * times
     if gradient == "adjoint":
         ys, result = adjoint_integrate(
-            field, y0, grid, params, adjoint_rtol=options["adjoint_rtol"], adjoint_atol=options["adjoint_atol"],
+            field, y0, grid, params, direction=direction, adjoint_rtol=options["adjoint_rtol"], adjoint_atol=options["adjoint_atol"],
             strict=strict, warn=warn, **settings,
         )
     else:
