@@ -3,6 +3,7 @@ output, and per-sample clocks frozen with ``torch.where`` when a sample finishes
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -40,6 +41,18 @@ def _combine(weights, stages):
     return total
 
 
+@functools.lru_cache(maxsize=None)
+def _output_weights(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The rows ``b``, then ``b - b_low`` and ``b_mid`` where the tableau has them, as one (rows, stages)
+    matrix, so that a step's outputs come from one product with its stacked stages."""
+    rows = [tableau.b]
+    if tableau.b_low is not None:
+        rows.append(tuple(b - b_low for b, b_low in zip(tableau.b, tableau.b_low)))
+    if tableau.b_mid is not None:
+        rows.append(tableau.b_mid)
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
 def rk_step(f: Field, t: torch.Tensor, y: torch.Tensor, f0: torch.Tensor, dt: torch.Tensor, tableau: ButcherTableau):
     """One explicit Runge-Kutta step of size ``dt`` (B,) from ``(t, y)`` with ``f0 = f(t, y)``.
 
@@ -58,12 +71,12 @@ def rk_step(f: Field, t: torch.Tensor, y: torch.Tensor, f0: torch.Tensor, dt: to
     stages = [f0]
     for c_i, row in zip(tableau.c[1:], tableau.a[1:]):
         stages.append(f(t + c_i * dt, y + h * _combine(row, stages)))
-    y1 = y + h * _combine(tableau.b, stages)
+    weights = _output_weights(tableau, y.dtype, y.device)
+    sums = (weights @ torch.stack(stages).view(len(stages), -1)).view(-1, *y.shape).unbind(0)
+    y1 = y + h * sums[0]
     f1 = stages[-1] if tableau.fsal else None
-    error = None
-    if tableau.b_low is not None:
-        error = h * _combine([b - b_low for b, b_low in zip(tableau.b, tableau.b_low)], stages)
-    y_mid = None if tableau.b_mid is None else y + h * _combine(tableau.b_mid, stages)
+    error = None if tableau.b_low is None else h * sums[1]
+    y_mid = None if tableau.b_mid is None else y + h * sums[-1]
     return y1, f1, error, y_mid
 
 
