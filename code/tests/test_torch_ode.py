@@ -379,6 +379,9 @@ Y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)
         (dict(method="dopri5", dt=0.1), ValueError, "dt=0.1, num_steps=None fix the step, but method='dopri5'"),
         (dict(gradient="adjoint"), ValueError, "gradient='adjoint' needs to know which tensors.*params="),
         (dict(params=[torch.ones(1)]), ValueError, "params= lists the tensors that gradient='adjoint'"),
+        (dict(gradient="adjoint", params=[1.0]), TypeError, "params\\[0\\] must be a floating-point torch.Tensor"),
+        (dict(f=lambda t, y: y * torch.ones(2, dtype=DTYPE, requires_grad=True), gradient="adjoint", params=[]),
+         ValueError, r"f uses 1 tensor\(s\) that require grad but are not in params \(shapes \(2,\)\)"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(arguments, error, message):

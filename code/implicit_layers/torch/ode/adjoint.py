@@ -26,6 +26,8 @@ def adjoint_integrate(field, y0, grid, params, *, direction, adjoint_rtol, adjoi
     ``field`` and ``grid`` are in the increasing time ``odeint`` integrates in; ``direction`` (+1 or -1) turns
     times back into the caller's for the backward solve's warnings.
     """
+    if torch.is_grad_enabled():
+        check_params_cover_field(field, y0, grid[0], params)
     record = []
     ys = _Adjoint.apply(
         dict(field=field, settings=settings, rtol=adjoint_rtol, atol=adjoint_atol, strict=strict, warn=warn,
@@ -35,6 +37,39 @@ def adjoint_integrate(field, y0, grid, params, *, direction, adjoint_rtol, adjoi
         *params,
     )
     return ys, record[0]
+
+
+def check_params_cover_field(field, y0, t0, params) -> None:
+    """Raise if ``f`` reaches a tensor that requires grad other than through ``params``.
+
+    The adjoint returns gradients for ``y0`` and ``params`` only, so such a tensor would silently get none. One
+    evaluation of ``f`` at ``(t0, y0)`` under autograd is traced back from its output: the walk stops at
+    ``params`` (leaves, or intermediate tensors, whose own history autograd then follows) and fails at any
+    other leaf that requires grad.
+    """
+    y = y0.detach().requires_grad_(True)
+    # Only the graph's structure is read, so the probe saves no tensors for a backward pass that never runs.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda tensor: None, lambda nothing: nothing):
+        value = field(t0.expand(y0.shape[0]), y)
+    covered_leaves = {id(param) for param in params if param.is_leaf} | {id(y)}
+    covered_nodes = {param.grad_fn for param in params if not param.is_leaf}
+    pending, seen, missed = [value.grad_fn], set(), []
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen or node in covered_nodes:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in covered_leaves:
+            missed.append(variable)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    if missed:
+        shapes = ", ".join(str(tuple(tensor.shape)) for tensor in missed)
+        raise ValueError(
+            f"f uses {len(missed)} tensor(s) that require grad but are not in params (shapes {shapes}); "
+            "gradient='adjoint' would give them no gradient: add them to params=[...], or use "
+            "gradient='backprop' or 'checkpoint'"
+        )
 
 
 class _AugmentedField:

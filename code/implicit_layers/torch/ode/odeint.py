@@ -75,7 +75,8 @@ def odeint(
         Tolerances of the adjoint's backward solve; default ``rtol`` and ``atol``.
     params : iterable of torch.Tensor, optional
         The tensors ``gradient="adjoint"`` differentiates besides ``y0``; default ``f.parameters()`` when ``f``
-        is an ``nn.Module``. Other tensors ``f`` closes over get no gradient in that mode.
+        is an ``nn.Module``. A tensor that ``f`` uses and that requires grad but is not among them is refused
+        (it would get no gradient).
     strict : bool
         Raise :class:`~implicit_layers.errors.ConvergenceError` if some sample does not reach ``t[-1]``.
     warn : bool
@@ -139,8 +140,16 @@ def odeint(
     grid = direction * times
     if gradient == "adjoint":
         ys, result = adjoint_integrate(
-            field, y0, grid, params, direction=direction, adjoint_rtol=options["adjoint_rtol"], adjoint_atol=options["adjoint_atol"],
-            strict=strict, warn=warn, **settings,
+            field,
+            y0,
+            grid,
+            params,
+            direction=direction,
+            adjoint_rtol=options["adjoint_rtol"],
+            adjoint_atol=options["adjoint_atol"],
+            strict=strict,
+            warn=warn,
+            **settings,
         )
     else:
         step = checkpointed_step if gradient == "checkpoint" else rk_step
