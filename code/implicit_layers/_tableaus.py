@@ -63,7 +63,9 @@ class ButcherTableau:
             raise ValueError(f"{self.name}: a needs one row per stage ({stages}) and c[0] must be 0, got c={self.c}")
         for i, row in enumerate(self.a):
             if len(row) != i or not math.isclose(math.fsum(row), self.c[i], abs_tol=_SUM_TOLERANCE):
-                raise ValueError(f"{self.name}: row {i} of a needs {i} entries summing to c[{i}]={self.c[i]}, got {row}")
+                raise ValueError(
+                    f"{self.name}: row {i} of a needs {i} entries summing to c[{i}]={self.c[i]}, got {row}"
+                )
         for field in ("b", "b_low"):
             weights = getattr(self, field)
             if weights is None:
@@ -147,7 +149,8 @@ DOPRI5 = ButcherTableau(
 
 
 def _tsit5_dense_weights(theta):
-    """Weights of Tsitouras's (2011) continuous extension at ``theta`` in [0, 1]: ``y(t + theta h) ~ y + h sum b_i k_i``."""
+    """Weights of Tsitouras's (2011) continuous extension at ``theta`` in [0, 1]:
+    ``y(t + theta h) ~ y + h sum_i b_i(theta) k_i``."""
     return (
         -1.0530884977290216 * theta * (theta - 1.3299890189751412)
         * (theta * theta - 1.4364028541716351 * theta + 0.7139816917074209),

@@ -82,7 +82,8 @@ def test_midpoint_weights_reproduce_a_polynomial_solution(name):
 
 
 def test_midpoint_weights_converge_at_fifth_order_on_exp():
-    """On y' = y the midpoint value's local error falls as h**5 (an order-4 interpolant): halving h divides it by ~32."""
+    """On y' = y the midpoint value's local error falls as h**5 (an order-4 interpolant): halving h divides it
+    by about 32."""
     tableau = ODE_METHODS["dopri5"]
 
     def midpoint_error(h):
