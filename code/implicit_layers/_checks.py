@@ -183,6 +183,15 @@ def check_time_grid(name: str, values: Any) -> float:
     return 1.0 if steps[0] > 0 else -1.0
 
 
+def check_time_grid_shape(name: str, shape: tuple) -> None:
+    """The part of :func:`check_time_grid` that needs only the shape (what is known of a grid under ``jit``):
+    raise unless it is 1-D with at least two times."""
+    if len(shape) != 1:
+        raise ValueError(f"{name} must be a 1-D grid of times, got shape {tuple(shape)}")
+    if shape[0] < 2:
+        raise ValueError(f"{name} needs at least two times (the initial time and one output time), got {shape[0]}")
+
+
 def check_odeint_options(
     methods: Mapping[str, Any],
     *,

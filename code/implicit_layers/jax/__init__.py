@@ -1,5 +1,6 @@
 """JAX implicit layers, mirroring ``implicit_layers.torch`` name for name. One subpackage per family
-(``fixed_points``: batched fixed-point solvers and their implicit derivatives), with every public name also
+(``fixed_points``: batched fixed-point solvers and their implicit derivatives; ``ode``: batched Runge-Kutta
+integration and its three gradients), with every public name also
 importable from here."""
 
 from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
@@ -15,13 +16,16 @@ from .fixed_points import (
     gmres,
     newton,
 )
+from .ode import ODE_METHODS, ODEResult, odeint
 from .utils import cache_compilations, compiled_memory_bytes
 
 __all__ = [
     "BACKWARD_SOLVERS",
+    "ODE_METHODS",
     "SOLVERS",
     "ConvergenceError",
     "ConvergenceWarning",
+    "ODEResult",
     "SolverResult",
     "UnsupportedDerivativeError",
     "anderson",
@@ -33,4 +37,5 @@ __all__ = [
     "forward_iteration",
     "gmres",
     "newton",
+    "odeint",
 ]

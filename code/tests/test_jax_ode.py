@@ -1,0 +1,450 @@
+"""odeint in JAX: accuracy against SciPy and closed forms, orders of convergence, step control, dense output,
+composition with jit, vmap and grad, gradients in every mode, and every refusal and warning. Float64 throughout.
+
+Most solves go through one jitted ``solve`` (options static), so that a repeated configuration compiles once."""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+from scipy.integrate import solve_ivp
+from scipy.linalg import expm
+
+import implicit_layers.jax as ilj
+from implicit_layers._tableaus import ODE_METHODS
+from implicit_layers.errors import ConvergenceError, ConvergenceWarning
+from implicit_layers.jax.ode._loop import rk_step
+
+jax.config.update("jax_enable_x64", True)
+
+ADAPTIVE = ("bosh3", "dopri5", "tsit5")
+FIXED = ("euler", "midpoint", "rk4")
+OPTIONS = ("method", "rtol", "atol", "dt", "num_steps", "first_step", "step_control", "max_steps", "gradient",
+           "adjoint_rtol", "adjoint_atol", "strict", "warn")
+solve = jax.jit(ilj.odeint, static_argnums=0, static_argnames=OPTIONS)
+
+# A damped rotation: y' = A y, with y(t) = expm(A t) y0; theta is A.
+ROTATION = np.array([[-0.1, 1.0], [-1.0, -0.1]])
+
+
+def linear(t, y, a):
+    return y @ a.T
+
+
+def lotka_volterra(t, y, _):
+    return jnp.stack([1.5 * y[:, 0] - y[:, 0] * y[:, 1], -3.0 * y[:, 1] + y[:, 0] * y[:, 1]], axis=1)
+
+
+def van_der_pol(t, y, _):
+    return jnp.stack([y[:, 1], (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], axis=1)
+
+
+def lorenz(t, y, _):
+    return jnp.stack(
+        [10 * (y[:, 1] - y[:, 0]), y[:, 0] * (28 - y[:, 2]) - y[:, 1], y[:, 0] * y[:, 1] - 8 / 3 * y[:, 2]], axis=1
+    )
+
+
+PROBLEMS = {
+    "linear": (linear, [[1.0, 0.0], [0.5, 0.3]], 5.0),
+    "lotka_volterra": (lotka_volterra, [[1.0, 1.0], [2.0, 0.5]], 5.0),
+    "van_der_pol": (van_der_pol, [[2.0, 0.0], [0.5, 0.5]], 5.0),
+    "lorenz": (lorenz, [[1.0, 1.0, 1.0], [-2.0, 3.0, 20.0]], 1.0),
+}
+
+
+def linear_exact(y0, times):
+    return np.stack([np.asarray(y0) @ expm(ROTATION * float(s)).T for s in times])
+
+
+def scipy_reference(f, y0, times, theta):
+    """DOP853 at rtol = atol = 1e-12, one sample at a time, shape (T, B, ...)."""
+
+    def field(s, y):
+        return np.asarray(f(jnp.array([s]), jnp.asarray(y)[None], theta)[0])
+
+    return np.stack(
+        [
+            solve_ivp(field, (times[0], times[-1]), sample, method="DOP853", rtol=1e-12, atol=1e-12,
+                      t_eval=times).y.T
+            for sample in np.asarray(y0)
+        ],
+        axis=1,
+    )
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_methods_match_scipy_within_a_multiple_of_the_tolerance(problem, method):
+    """Max error over outputs and samples, in units of rtol * (1 + max|y|): below 20 at every tolerance, and it
+    falls at least 20-fold per 100-fold tighter tolerance."""
+    f, y0, t_end = PROBLEMS[problem]
+    y0 = jnp.array(y0)
+    times = np.linspace(0.0, t_end, 6)
+    theta = jnp.asarray(ROTATION)
+    reference = scipy_reference(f, y0, times, theta)
+    if problem == "linear":
+        np.testing.assert_allclose(reference, linear_exact(y0, times), rtol=0, atol=1e-10)
+    errors = []
+    for rtol in (1e-4, 1e-6, 1e-8):
+        ys, result = solve(f, y0, jnp.asarray(times), theta, method=method, rtol=rtol, atol=rtol)
+        assert result.status == "converged"
+        error = float(np.abs(np.asarray(ys) - reference).max())
+        assert error <= 20 * rtol * (1 + float(np.abs(reference).max())), (rtol, error)
+        errors.append(error)
+    assert errors[1] < errors[0] / 20 and errors[2] < errors[1] / 20, errors
+
+
+def observed_order(final_state, steps=(16, 32)):
+    """The slope of the error at t = 2 of the damped rotation against the number of uniform steps."""
+    exact = linear_exact([[1.0, 0.5]], [2.0])[0]
+    coarse, fine = (float(np.abs(np.asarray(final_state(n)) - exact).max()) for n in steps)
+    return math.log2(coarse / fine)
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_fixed_step_methods_converge_at_their_order(method):
+    def final_state(num_steps):
+        ys, _ = solve(linear, jnp.array([[1.0, 0.5]]), jnp.array([0.0, 2.0]), jnp.asarray(ROTATION), method=method,
+                      num_steps=num_steps)
+        return ys[-1]
+
+    assert observed_order(final_state) == pytest.approx(ODE_METHODS[method].order, abs=0.3)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_tableaus_main_and_embedded_weights_converge_at_their_orders(method):
+    """Fixed steps through the solver's own step function: y1 has the tableau's order, y1 - error one less."""
+    tableau = ODE_METHODS[method]
+
+    def field(t, y):
+        return linear(t, y, ROTATION)
+
+    @jax.jit
+    def step(y, dt):
+        y1, _, error, _ = rk_step(field, jnp.zeros(1), y, field(0.0, y), jnp.full(1, dt), tableau)
+        return y1, y1 - error
+
+    def final_state(num_steps, which):
+        y = jnp.array([[1.0, 0.5]])
+        for _ in range(num_steps):
+            y = step(y, 2.0 / num_steps)[which]
+        return y
+
+    assert observed_order(lambda n: final_state(n, 0), steps=(8, 16)) == pytest.approx(tableau.order, abs=0.3)
+    assert observed_order(lambda n: final_state(n, 1), steps=(8, 16)) == pytest.approx(tableau.order - 1, abs=0.3)
+
+
+def test_fixed_steps_dt_and_num_steps_agree():
+    y0 = jnp.array([[1.0, 0.0]])
+    by_dt, result = ilj.odeint(linear, y0, [0.0, 1.0], ROTATION, method="rk4", dt=0.1)
+    by_count, _ = ilj.odeint(linear, y0, [0.0, 1.0], ROTATION, method="rk4", num_steps=10)
+    assert result.num_accepted.tolist() == [10]
+    np.testing.assert_allclose(by_dt, by_count, rtol=0, atol=1e-13)
+
+
+RATES = jnp.array([0.05, 20.0])
+
+
+def easy_and_hard(t, y, rates):
+    """Sample 0 barely moves, sample 1 oscillates fast: y' = -k_b * rotate(y) with k = rates = (0.05, 20)."""
+    return rates[:, None] * jnp.stack([y[:, 1], -y[:, 0]], axis=1)
+
+
+def easy_and_hard_exact(y0, times):
+    angle = np.asarray(RATES)[None, :] * np.asarray(times)[:, None]
+    c, s = np.cos(angle), np.sin(angle)
+    y0 = np.asarray(y0)
+    return np.stack([c * y0[:, 0] + s * y0[:, 1], -s * y0[:, 0] + c * y0[:, 1]], axis=2)
+
+
+EASY_HARD_Y0 = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_per_sample_control_takes_fewer_steps_on_the_easy_sample_than_shared():
+    times = jnp.linspace(0, 2, 5)
+    steps = {}
+    for control in ("per_sample", "shared"):
+        ys, result = solve(easy_and_hard, EASY_HARD_Y0, times, RATES, step_control=control, rtol=1e-8, atol=1e-8)
+        assert float(np.abs(ys - easy_and_hard_exact(EASY_HARD_Y0, times)).max()) < 1e-6
+        steps[control] = result.num_accepted.tolist()
+    assert steps["shared"][0] == steps["shared"][1]
+    assert steps["per_sample"][0] * 5 < steps["shared"][0]
+    assert steps["per_sample"][1] == pytest.approx(steps["shared"][1], rel=0.2)
+
+
+@pytest.mark.parametrize("method", ("rk4", "tsit5"))
+def test_a_batched_solve_equals_one_solve_per_sample(method):
+    options = dict(method=method, dt=0.01) if method == "rk4" else dict(method=method)
+    times = jnp.array([0.0, 0.7, 1.5])
+    batched, result = solve(easy_and_hard, EASY_HARD_Y0, times, RATES, **options)
+    for index in range(2):
+        alone, alone_result = solve(easy_and_hard, EASY_HARD_Y0[index : index + 1], times,
+                                    RATES[index : index + 1], **options)
+        np.testing.assert_allclose(batched[:, index : index + 1], alone, rtol=0, atol=1e-14)
+        assert result.num_accepted[index] == alone_result.num_accepted[0]
+
+
+@pytest.mark.parametrize("method", ("dopri5", "rk4"))
+def test_a_decreasing_grid_integrates_backwards(method):
+    y0 = jnp.array([[1.0, 0.0], [0.5, 0.3]])
+    times = np.linspace(3.0, 0.0, 4)
+    options = dict(rtol=1e-9, atol=1e-9) if method == "dopri5" else dict(dt=0.01)
+    ys, result = ilj.odeint(linear, y0, times, ROTATION, method=method, **options)
+    np.testing.assert_allclose(ys, linear_exact(y0, times - 3.0), rtol=0, atol=1e-8)
+    assert result.t_reached.tolist() == [0.0, 0.0]
+    assert bool((result.final_dt < 0).all())
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_dense_output_at_many_times_is_accurate_without_extra_steps(method):
+    y0 = jnp.array([[1.0, 0.0]])
+    many = jnp.linspace(0.0, 5.0, 401)
+    ys, result = solve(linear, y0, many, ROTATION, method=method, rtol=1e-8, atol=1e-8)
+    _, ends_only = solve(linear, y0, many[jnp.array([0, 400])], ROTATION, method=method, rtol=1e-8, atol=1e-8)
+    assert result.num_accepted.tolist() == ends_only.num_accepted.tolist()
+    assert float(np.abs(ys - linear_exact(y0, many)).max()) < 1e-6
+
+
+def test_counters_and_record():
+    y0 = jnp.array([[1.0, 0.0]])
+    _, result = solve(linear, y0, jnp.array([0.0, 1.0]), ROTATION)
+    # One initial derivative, one trial of the initial step selection, six new stages per attempted step (FSAL).
+    attempted = result.num_accepted + result.num_rejected
+    assert result.nfe.tolist() == (2 + 6 * attempted).tolist()
+    assert result.converged.tolist() == [True] and result.failed.tolist() == [False]
+    assert result.status == "converged" and isinstance(result, ilj.ODEResult)
+    _, result = solve(linear, y0, jnp.array([0.0, 1.0]), ROTATION, method="rk4", num_steps=5)
+    assert result.nfe.tolist() == [1 + 4 * 5]
+
+
+def test_jit_and_vmap_give_the_eager_solution():
+    """jit (t traced, so its direction is found on the device), and vmap over an extra leading axis of the batch
+    and of theta, which makes every sample's clock a batch of clocks."""
+    times = np.array([1.5, 0.7, 0.0])
+    eager, eager_result = ilj.odeint(easy_and_hard, EASY_HARD_Y0, times, RATES)
+    jitted, jitted_result = solve(easy_and_hard, EASY_HARD_Y0, jnp.asarray(times), RATES)
+    np.testing.assert_allclose(jitted, eager, rtol=0, atol=1e-14)
+    assert jitted_result.num_accepted.tolist() == eager_result.num_accepted.tolist()
+    mapped, mapped_result = jax.vmap(lambda y0, rates: ilj.odeint(easy_and_hard, y0, times, rates))(
+        EASY_HARD_Y0[:, None], RATES[:, None]
+    )
+    np.testing.assert_allclose(mapped[:, :, 0].transpose(1, 0, 2), eager, rtol=0, atol=1e-14)
+    assert mapped_result.num_accepted[:, 0].tolist() == eager_result.num_accepted.tolist()
+
+
+# Gradients ---------------------------------------------------------------------------------------------------
+
+
+def tanh_field(t, y, weight):
+    return jnp.tanh(y @ weight.T) - 0.2 * y
+
+
+def solve_for_gradient(gradient, method="dopri5", times=(0.0, 0.4, 1.0), **options):
+    def run(y0, weight):
+        ys, _ = solve(tanh_field, y0, jnp.asarray(times), weight, method=method, gradient=gradient, **options)
+        return ys[1:]
+
+    return run
+
+
+def gradient_inputs():
+    y0, weight = np.random.default_rng(0).standard_normal((2, 2, 2))
+    return jnp.asarray(y0), jnp.asarray(weight)
+
+
+def gradient_of_squares(run, y0, weight):
+    return jax.grad(lambda y0, weight: jnp.sum(run(y0, weight) ** 2), argnums=(0, 1))(y0, weight)
+
+
+@pytest.mark.parametrize("gradient", ("backprop", "checkpoint"))
+def test_discrete_gradients_pass_check_grads(gradient):
+    """rk4 with fixed steps is a smooth map, so finite differences see exactly what autodiff differentiates."""
+    check_grads(solve_for_gradient(gradient, method="rk4", num_steps=8), gradient_inputs(), order=1,
+                modes=["rev"], atol=1e-7, rtol=1e-7)
+
+
+@pytest.mark.parametrize("gradient", ("backprop", "checkpoint", "adjoint"))
+def test_adaptive_gradients_pass_check_grads_at_tight_tolerances(gradient):
+    """Step sizes carry no gradient, so finite differences see them move: at rtol 1e-11 that is below 1e-6."""
+    run = solve_for_gradient(gradient, rtol=1e-11, atol=1e-11, max_steps=500)
+    check_grads(run, gradient_inputs(), order=1, modes=["rev"], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_equals_backprop():
+    gradients = [
+        gradient_of_squares(solve_for_gradient(gradient, method="tsit5", rtol=1e-6, atol=1e-6, max_steps=200),
+                            *gradient_inputs())
+        for gradient in ("backprop", "checkpoint")
+    ]
+    for with_backprop, with_checkpoint in zip(*gradients):
+        np.testing.assert_allclose(with_checkpoint, with_backprop, rtol=0, atol=1e-10)
+
+
+def test_adjoint_approaches_backprop_as_its_tolerances_shrink():
+    exact = gradient_of_squares(solve_for_gradient("backprop", rtol=1e-12, atol=1e-12, max_steps=1000),
+                                *gradient_inputs())
+    gaps = []
+    for tolerance in (1e-4, 1e-7, 1e-10):
+        run = solve_for_gradient("adjoint", rtol=1e-12, atol=1e-12, adjoint_rtol=tolerance, adjoint_atol=tolerance)
+        adjoint = gradient_of_squares(run, *gradient_inputs())
+        gaps.append(max(float(np.abs(a - b).max()) for a, b in zip(adjoint, exact)))
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-8, gaps
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("rk4", dict(num_steps=200)), ("dopri5", dict(step_control="shared")), ("tsit5", dict(times=(1.0, 0.6, 0.0)))],
+)
+def test_adjoint_matches_backprop_across_methods_controls_and_directions(method, options):
+    if method != "rk4":
+        options = dict(options, rtol=1e-10, atol=1e-10, max_steps=500)
+    grads = {
+        gradient: gradient_of_squares(solve_for_gradient(gradient, method=method, **options), *gradient_inputs())
+        for gradient in ("backprop", "adjoint")
+    }
+    # rk4's discrete gradient differs from the continuous one by its O(dt**4) error; the adaptive ones by rtol.
+    for a, b in zip(grads["adjoint"], grads["backprop"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("gradient", ("backprop", "checkpoint", "adjoint"))
+def test_gradients_compose_with_vmap_and_take_any_pytree(gradient):
+    """A dict for theta, and per-example gradients by vmap over a leading axis: each equals its own grad."""
+
+    def field(t, y, theta):
+        return tanh_field(t, y, theta["weight"]) * theta["scale"]
+
+    def loss(y0, theta):
+        ys, _ = ilj.odeint(field, y0, [0.0, 0.5], theta, gradient=gradient, rtol=1e-9, atol=1e-9, max_steps=200)
+        return jnp.sum(ys[-1] ** 2)
+
+    y0, weight = gradient_inputs()
+    theta = dict(weight=weight, scale=jnp.array(0.7))
+    mapped = jax.vmap(jax.grad(loss, argnums=1), in_axes=(0, None))(y0[:, None], theta)
+    for index in range(2):
+        alone = jax.grad(loss, argnums=1)(y0[index : index + 1], theta)
+        for key in theta:
+            np.testing.assert_allclose(mapped[key][index], alone[key], rtol=1e-12, atol=1e-14)
+
+
+def test_finished_samples_never_evaluate_f_past_the_end():
+    """f = -k y sqrt(1 - t) is NaN past t = 1; the fast sample finishes first and must not step beyond it, or
+    its discarded steps would put NaN into the gradient. y(1) = y0 exp(-2k/3)."""
+    rates = jnp.array([0.1, 30.0])
+
+    def f(t, y, rates):
+        return -rates[:, None] * y * jnp.sqrt(1 - t)[:, None]
+
+    def final(y0):
+        ys, result = ilj.odeint(f, y0, [0.0, 1.0], rates, rtol=1e-10, atol=1e-10, max_steps=300)
+        return jnp.sum(ys[-1]), result
+
+    (_, result), gradient = jax.value_and_grad(final, has_aux=True)(jnp.ones((2, 1)))
+    assert result.num_accepted[0] < result.num_accepted[1]
+    np.testing.assert_allclose(gradient[:, 0], jnp.exp(-2 * rates / 3), rtol=1e-7, atol=1e-10)
+
+
+# Refusals and warnings ---------------------------------------------------------------------------------------
+
+Y0 = jnp.array([[1.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        (dict(t=[[0.0, 1.0]]), ValueError, "t must be a 1-D grid"),
+        (dict(t=[0.0]), ValueError, "t needs at least two times"),
+        (dict(t=[0.0, 1.0, 0.5]), ValueError, "strictly increasing or strictly decreasing"),
+        (dict(t=[0.0, math.nan]), ValueError, "t contains NaN or Inf"),
+        (dict(y0=jnp.array([[math.inf, 0.0]])), ValueError, "y0 contains NaN or Inf"),
+        (dict(y0=jnp.array([[1, 0]])), TypeError, "y0 must have a floating-point dtype"),
+        (dict(y0=jnp.array([1.0, 0.0])), ValueError, "y0 must have shape"),
+        (dict(f=lambda t, y, a: y[:, :1]), ValueError, "f\\(t, y, theta\\) must return an array of y's shape"),
+        (dict(f=lambda t, y, a: y.astype(jnp.float32)), ValueError,
+         "f\\(t, y, theta\\) must return an array of y's dtype"),
+        (dict(f=lambda t, y, a: 1.0), TypeError, "f\\(t, y, theta\\) must return a JAX array"),
+        (dict(method="rk45"), ValueError, "unknown method 'rk45'"),
+        (dict(step_control="global"), ValueError, "unknown step_control 'global'"),
+        (dict(gradient="unrolled"), ValueError, "unknown gradient 'unrolled'"),
+        (dict(rtol=0.0), ValueError, "rtol must be a positive"),
+        (dict(atol=-1.0), ValueError, "atol must be a positive"),
+        (dict(max_steps=0), ValueError, "max_steps must be a positive integer"),
+        (dict(method="rk4", dt=-0.1), ValueError, "dt must be a positive"),
+        (dict(method="rk4"), ValueError, "method='rk4' has no error estimate.*dt=.*num_steps=.*adaptive method"),
+        (dict(method="rk4", dt=0.1, num_steps=10), ValueError, "exactly one of dt=... .* and num_steps"),
+        (dict(method="rk4", dt=0.1, first_step=0.1), ValueError, "first_step=0.1 sets the initial step"),
+        (dict(method="dopri5", dt=0.1), ValueError, "dt=0.1, num_steps=None fix the step, but method='dopri5'"),
+        (dict(theta=dict(a=ROTATION, n=3), gradient="checkpoint"), TypeError,
+         r"theta\['n'\] must be a floating-point array for gradient='checkpoint'"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(arguments, error, message):
+    call = {**dict(f=linear, y0=Y0, t=[0.0, 1.0], theta=ROTATION), **arguments}
+    theta = call.pop("theta")
+    f = call.pop("f")
+    if isinstance(theta, dict) and f is linear:
+        f = lambda t, y, theta: linear(t, y, theta["a"])  # noqa: E731
+    with pytest.raises(error, match=message):
+        ilj.odeint(f, call.pop("y0"), call.pop("t"), theta, **call)
+
+
+def test_shape_checks_still_run_under_jit():
+    with pytest.raises(ValueError, match="t needs at least two times"):
+        solve(linear, Y0, jnp.array([0.0]), ROTATION)
+    with pytest.raises(ValueError, match="must return an array of y's shape"):
+        solve(lambda t, y, a: y[:, :1], Y0, jnp.array([0.0, 1.0]), ROTATION)
+
+
+def test_running_out_of_steps_warns_with_what_was_reached_or_raises_when_strict():
+    with pytest.warns(ConvergenceWarning, match=r"did not reach t1 for 1 of 2 samples \(max_steps=20\): furthest t="):
+        ys, result = ilj.odeint(easy_and_hard, EASY_HARD_Y0, [0.0, 1.0, 2.0], RATES, max_steps=20)
+    assert result.converged.tolist() == [True, False] and result.status == "max_steps"
+    assert 0 < float(result.t_reached[1]) < 2.0 and bool(jnp.isnan(ys[-1, 1]).all())
+    with pytest.raises(ConvergenceError, match="raise max_steps"):
+        ilj.odeint(easy_and_hard, EASY_HARD_Y0, [0.0, 2.0], RATES, max_steps=20, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ilj.odeint(easy_and_hard, EASY_HARD_Y0, [0.0, 2.0], RATES, max_steps=20, warn=False)
+
+
+def test_under_jit_the_warning_comes_from_the_device_only_when_a_sample_falls_short():
+    with pytest.warns(ConvergenceWarning, match=r"did not reach t1 for 1 of 2 samples \(max_steps=20\)"):
+        jax.block_until_ready(solve(easy_and_hard, EASY_HARD_Y0, jnp.array([0.0, 2.0]), RATES, max_steps=20))
+        jax.effects_barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.block_until_ready(solve(easy_and_hard, EASY_HARD_Y0, jnp.array([0.0, 2.0]), RATES))
+        jax.effects_barrier()
+
+
+@pytest.mark.parametrize("method", ("dopri5", "euler"))
+def test_a_blow_up_marks_the_sample_failed(method):
+    """y' = y**2 from y(0) = 1 blows up at t = 1; the sample starting at 0.1 lives to t = 10, past the end at 2."""
+    y0 = jnp.array([[1.0], [0.1]])
+    options = dict(dt=0.01) if method == "euler" else {}
+    with pytest.warns(ConvergenceWarning, match="1 stopped on NaN/Inf or a step size underflow"):
+        _, result = ilj.odeint(lambda t, y, _: y**2, y0, [0.0, 2.0], None, method=method, **options)
+    assert result.failed.tolist() == [True, False] and result.converged.tolist() == [False, True]
+    assert result.status == "failed"
+    # The adaptive solver stops at the singularity; explicit Euler lags the blow-up and overflows a little later.
+    assert float(result.t_reached[0]) < (1.0 + 1e-6 if method == "dopri5" else 2.0)
+
+
+def test_an_adjoint_solve_that_runs_out_of_steps_warns_in_the_backward_pass():
+    """The forward solve runs from t = 2 to 0; the backward one from 0 towards 2 stops short, and says where."""
+    y0, weight = gradient_inputs()
+
+    def loss(y0, weight):
+        ys, result = ilj.odeint(tanh_field, y0, [2.0, 0.0], weight, rtol=1e-3, atol=1e-3, max_steps=12,
+                                gradient="adjoint", adjoint_rtol=1e-12, adjoint_atol=1e-12)
+        return jnp.sum(ys[-1]), result
+
+    with pytest.warns(ConvergenceWarning, match=r"odeint\(dopri5, adjoint\) did not reach t1 .*furthest t=0\.\d"):
+        (_, result), _ = jax.value_and_grad(loss, has_aux=True)(y0, weight)
+        jax.effects_barrier()
+    assert result.status == "converged"
