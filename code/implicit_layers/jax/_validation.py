@@ -14,6 +14,15 @@ def is_concrete(value: Any) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
+def known_to_be_finite(value: Any) -> bool:
+    """False only when ``value``'s entries are known and one is NaN or Inf. A concrete array closed over by a
+    function under ``jit`` is known, but the check on it is traced (its result a tracer), so it is skipped."""
+    if not is_concrete(value):
+        return True
+    finite = jnp.isfinite(value).all()
+    return not is_concrete(finite) or bool(finite)
+
+
 def check_batched_state(name: str, value: Any) -> None:
     """Raise unless ``value`` is a floating-point array of shape (B, ...) with at least one state dimension
     (and, when its values are known, finite)."""
@@ -22,7 +31,7 @@ def check_batched_state(name: str, value: Any) -> None:
     check_state_shape(name, tuple(value.shape))
     if not jnp.issubdtype(value.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
-    if is_concrete(value) and not bool(jnp.isfinite(value).all()):
+    if not known_to_be_finite(value):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -34,7 +43,7 @@ def check_map_output(fz: Any, z0: jax.Array) -> None:
                 f"f must map z0 to an array of the same {attribute}: z0 has {attribute} "
                 f"{getattr(z0, attribute)}, f(z0) has {getattr(fz, attribute, type(fz).__name__)}"
             )
-    if is_concrete(fz) and not bool(jnp.isfinite(fz).all()):
+    if not known_to_be_finite(fz):
         raise ValueError("f(z0) contains NaN or Inf: check the inputs and parameters that f uses")
 
 
