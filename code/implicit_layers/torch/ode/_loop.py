@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -32,25 +32,32 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.ndim - 1)))
 
 
-def _combine(weights, stages):
-    """``sum_i weights[i] * stages[i]``, skipping zero weights (most tableaus have some)."""
-    total = None
-    for weight, stage in zip(weights, stages):
-        if weight:
-            total = weight * stage if total is None else total + weight * stage
-    return total
+class _Coefficients(NamedTuple):
+    """A tableau's coefficients as tensors of one dtype and device, made once: a step then multiplies by them
+    instead of by Python floats (each of which torch would first convert to a tensor)."""
+
+    nodes: torch.Tensor
+    """``c[1:]`` as a column (stages - 1, 1): every stage's time offset from one product with the step sizes."""
+    rows: tuple
+    """``a[i][:i]`` as (1, i) rows, for stages 1 to the last: a stage's input from one product with the stages."""
+    outputs: torch.Tensor
+    """The rows ``b``, then ``b - b_low`` and ``b_mid`` where the tableau has them, (rows, stages)."""
 
 
 @functools.lru_cache(maxsize=None)
-def _output_weights(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The rows ``b``, then ``b - b_low`` and ``b_mid`` where the tableau has them, as one (rows, stages)
-    matrix, so that a step's outputs come from one product with its stacked stages."""
+def _coefficients(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device) -> _Coefficients:
     rows = [tableau.b]
     if tableau.b_low is not None:
         rows.append(tuple(b - b_low for b, b_low in zip(tableau.b, tableau.b_low)))
     if tableau.b_mid is not None:
         rows.append(tableau.b_mid)
-    return torch.tensor(rows, dtype=dtype, device=device)
+    return _Coefficients(
+        nodes=torch.tensor(tableau.c[1:], dtype=dtype, device=device).view(-1, 1),
+        rows=tuple(
+            torch.tensor([row[:index]], dtype=dtype, device=device) for index, row in enumerate(tableau.a) if index
+        ),
+        outputs=torch.tensor(rows, dtype=dtype, device=device),
+    )
 
 
 def rk_step(f: Field, t: torch.Tensor, y: torch.Tensor, f0: torch.Tensor, dt: torch.Tensor, tableau: ButcherTableau):
@@ -67,16 +74,31 @@ def rk_step(f: Field, t: torch.Tensor, y: torch.Tensor, f0: torch.Tensor, dt: to
     y_mid : torch.Tensor or None
         The solution at the step's midpoint when the tableau has midpoint weights, else ``None``.
     """
+    coefficients = _coefficients(tableau, y.dtype, y.device)
     h = per_sample(dt, y)
-    stages = [f0]
-    for c_i, row in zip(tableau.c[1:], tableau.a[1:]):
-        stages.append(f(t + c_i * dt, y + h * _combine(row, stages)))
-    weights = _output_weights(tableau, y.dtype, y.device)
-    sums = (weights @ torch.stack(stages).view(len(stages), -1)).view(-1, *y.shape).unbind(0)
-    y1 = y + h * sums[0]
-    f1 = stages[-1] if tableau.fsal else None
+    times = (t + coefficients.nodes * dt).unbind(0)
+    num_stages = len(tableau.c)
+    if torch.is_grad_enabled():
+        # Autograd cannot see through writes into one buffer, so the stages are stacked anew for each product.
+        stages = [f0]
+        for time, row in zip(times, coefficients.rows):
+            combination = row @ torch.stack(stages).view(len(stages), -1)
+            stages.append(f(time, torch.addcmul(y, h, combination.view_as(y))))
+        stacked = torch.stack(stages).view(num_stages, -1)
+        last = stages[-1]
+    else:
+        # Without a graph each stage is written once into a buffer whose leading rows feed the next stage.
+        stacked = torch.empty((num_stages, y.numel()), dtype=y.dtype, device=y.device)
+        stacked[0] = f0.reshape(-1)
+        for index, (time, row) in enumerate(zip(times, coefficients.rows), start=1):
+            combination = row @ stacked[:index]
+            last = f(time, torch.addcmul(y, h, combination.view_as(y)))
+            stacked[index] = last.reshape(-1)
+    sums = (coefficients.outputs @ stacked).view(-1, *y.shape).unbind(0)
+    y1 = torch.addcmul(y, h, sums[0])
+    f1 = last if tableau.fsal else None
     error = None if tableau.b_low is None else h * sums[1]
-    y_mid = None if tableau.b_mid is None else y + h * sums[-1]
+    y_mid = None if tableau.b_mid is None else torch.addcmul(y, h, sums[-1])
     return y1, f1, error, y_mid
 
 
