@@ -3,6 +3,7 @@ output, and per-sample clocks frozen with ``torch.where`` when a sample finishes
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from typing import Callable, NamedTuple, Optional
@@ -131,10 +132,17 @@ def interpolate(theta, y0, y1, f0, f1, y_mid, dt):
 
 def error_ratio(error, y0, y1, rtol, atol):
     """Per-sample RMS over state entries of ``error / (atol + rtol * max(|y0|, |y1|))``, detached; NaN/Inf
-    become Inf so that the step is rejected."""
+    become Inf so that the step is rejected. ``rtol`` and ``atol`` are floats or 0-d tensors of the state's dtype
+    (the loop passes tensors, which torch need not convert at every step)."""
     scale = atol + rtol * torch.maximum(y0.detach().abs(), y1.detach().abs())
     ratio = (error.detach() / scale).flatten(1).pow(2).mean(dim=1).sqrt()
-    return torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, math.inf))
+    return torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
+
+
+@functools.lru_cache(maxsize=None)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-d tensor, made once: torch would otherwise convert a Python float at every use."""
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def propose_step(dt, ratio, ratio_prev, order):
@@ -147,12 +155,13 @@ def propose_step(dt, ratio, ratio_prev, order):
     oscillation of step sizes that it shows on mildly stiff problems (Gustafsson 1991, diffrax's PIDController).
     """
     accept = ratio <= 1
+    safety = _constant(SAFETY, dt.dtype, dt.device)
     factor = (
-        SAFETY
+        safety
         * ratio.clamp_min(RATIO_FLOOR) ** (-(ICOEFF + PCOEFF) / order)
         * ratio_prev.clamp_min(RATIO_FLOOR) ** (PCOEFF / order)
     )
-    upper = torch.where(accept, torch.full_like(factor, FACTOR_MAX), torch.full_like(factor, SAFETY))
+    upper = torch.where(accept, _constant(FACTOR_MAX, dt.dtype, dt.device), safety)
     return accept, dt * torch.minimum(factor.clamp_min(FACTOR_MIN), upper)
 
 
@@ -234,7 +243,8 @@ def integrate(
     device, dtype = y0.device, y0.dtype
     grid = grid.detach().to(device=device, dtype=dtype)
     t_end = grid[-1]
-    t0_value, t1_value = float(grid[0]), float(grid[-1])
+    grid_values = grid.tolist()
+    t0_value, t1_value = grid_values[0], grid_values[-1]
     num_outputs = grid.shape[0]
     adaptive = tableau.b_low is not None
     ones = torch.ones(batch, device=device, dtype=torch.int64)
@@ -260,23 +270,29 @@ def integrate(
         dt_now = (edges[1] - edges[0]).expand(batch).clone()
 
     y, f_now = y0, f_start
+    zero = _constant(0.0, dtype, device)
+    lowest = _constant(-math.inf, dtype, device)
+    rtol_value, atol_value = _constant(rtol, dtype, device), _constant(atol, dtype, device)
     ratio_prev = torch.ones(batch, device=device, dtype=dtype)
     num_accepted = torch.zeros(batch, device=device, dtype=torch.int64)
-    num_rejected = torch.zeros_like(num_accepted)
+    attempted = torch.zeros_like(num_accepted)
     failed = torch.zeros(batch, device=device, dtype=torch.bool)
     running = torch.ones(batch, device=device, dtype=torch.bool)
     next_output = ones.clone()
+    # The smallest output index a running sample has yet to emit, as last computed (it only grows, so an old
+    # value bounds the range of outputs a step can pass from below); read with the step's host synchronization.
+    first_pending = torch.ones((), device=device, dtype=dtype)
     stages_per_step = len(tableau.c) - 1 + (0 if tableau.fsal else 1)
 
     for step_index in range(max_steps):
         # Frozen samples take a step of zero, so f only ever sees states and times a sample has reached (a
         # field undefined past t1 cannot put NaN into the gradient through the branch torch.where discards).
-        dt_step = torch.where(running, dt_now, torch.zeros_like(dt_now))
+        dt_step = torch.where(running, dt_now, zero)
         y1, f1, error, y_mid = step(f, t, y, f_now, dt_step, tableau)
         if adaptive:
-            ratio = error_ratio(error, y, y1, rtol, atol)
+            ratio = error_ratio(error, y, y1, rtol_value, atol_value)
             if shared:
-                ratio = torch.where(running, ratio, torch.zeros_like(ratio)).amax().expand(batch)
+                ratio = torch.where(running, ratio, zero).amax().expand(batch)
             accept, dt_next = propose_step(dt_now, ratio, ratio_prev, tableau.order)
             t_new = torch.where(dt_now >= t_end - t, t_end, t + dt_now)
         else:
@@ -284,20 +300,15 @@ def integrate(
             accept = torch.isfinite(y1.detach()).flatten(1).all(dim=1)
             failed = failed | (running & ~accept)
             t_new = edges[min(step_index + 1, len(edges) - 1)].expand(batch)
-            ratio = dt_next = None
+            dt_next = None
         move = running & accept
         if on_step is not None:
             on_step(t, y, dt_step, move)
         if f1 is None:
             f1 = f(t_new, y1)
-        nfe = nfe + running * stages_per_step
+        attempted = attempted + running
         num_accepted = num_accepted + move
-        if adaptive:
-            num_rejected = num_rejected + (running & ~accept)
 
-        passed = torch.searchsorted(grid, t_new.contiguous(), right=True)
-        first_passed = torch.where(move, next_output, num_outputs).amin()
-        last_passed = torch.where(move, passed, 0).amax()
         t_old = t
         t = torch.where(move, t_new, t)
         move_state = per_sample(move, y)
@@ -305,32 +316,39 @@ def integrate(
         y = torch.where(move_state, y1, y)
         f_now = torch.where(move_state, f1, f_now)
 
-        finished = t >= t_end
+        live = running & (t < t_end)
         if adaptive:
             ratio_prev = torch.where(move, ratio, ratio_prev)
-            dt_proposed = torch.where(running, dt_next, dt_now)
-            failed = failed | (running & ~finished & (t + dt_proposed <= t))
-            still = running & ~finished & ~failed
-            dt_now = torch.where(still, torch.minimum(dt_proposed, t_end - t), dt_now)
+            underflow = live & (t + dt_next <= t)
+            failed = failed | underflow
+            still = live & ~underflow
+            dt_now = torch.where(still, torch.minimum(dt_next, t_end - t), dt_now)
         else:
-            still = running & ~finished & ~failed
+            still = live & ~failed
             if step_index + 2 < len(edges):
                 dt_now = torch.where(still, edges[step_index + 2] - edges[step_index + 1], dt_now)
-        # The loop's one host synchronization: whether to go on, and which outputs this step passed.
-        any_running, first_passed, last_passed = torch.stack(
-            [still.any().long(), first_passed, last_passed]
-        ).tolist()
-        for index in range(first_passed, last_passed):
-            emit = move & (next_output <= index) & (passed > index)
-            theta = ((grid[index] - t_old) / torch.where(emit, dt_step, torch.ones_like(dt_step))).clamp(0, 1)
-            theta = torch.where(grid[index] >= t_new, torch.ones_like(theta), theta)
-            value = interpolate(theta, y_old, y1, f_old, f1, y_mid, dt_step)
-            ys[index] = torch.where(per_sample(emit, y), value, ys[index])
-        next_output = torch.where(move, passed, next_output)
+        # The loop's one host synchronization: whether to go on, and which outputs this step passed (those from
+        # the first pending one to the last at or before the furthest time a sample moved to).
+        reach = torch.where(move, t_new, lowest).amax()
+        any_running, reach, first = torch.stack([still.any().to(dtype), reach, first_pending]).tolist()
+        last = bisect.bisect_right(grid_values, reach)
+        if last > first:
+            passed = torch.searchsorted(grid, t_new.contiguous(), right=True)
+            for index in range(int(first), last):
+                emit = move & (next_output <= index) & (passed > index)
+                theta = ((grid[index] - t_old) / torch.where(emit, dt_step, torch.ones_like(dt_step))).clamp(0, 1)
+                theta = torch.where(grid[index] >= t_new, torch.ones_like(theta), theta)
+                value = interpolate(theta, y_old, y1, f_old, f1, y_mid, dt_step)
+                ys[index] = torch.where(per_sample(emit, y), value, ys[index])
+            next_output = torch.where(move, passed, next_output)
+            first_pending = torch.where(still, next_output, num_outputs).amin().to(dtype)
         running = still
         if not any_running:
             break
 
+    # Each attempted step evaluates f the same number of times; an adaptive step not accepted was rejected.
+    nfe = nfe + stages_per_step * attempted
+    num_rejected = attempted - num_accepted if adaptive else torch.zeros_like(num_accepted)
     result = ODEResult(
         nfe=nfe,
         num_accepted=num_accepted,
