@@ -154,8 +154,8 @@ def propose_step(dt, ratio, ratio_prev, order):
     The integral term alone is the classical controller (torchdiffeq's); the proportional one damps the
     oscillation of step sizes that it shows on mildly stiff problems (Gustafsson 1991, diffrax's PIDController).
     """
-    accept = ratio <= 1
     safety = _constant(SAFETY, dt.dtype, dt.device)
+    accept = ratio <= _constant(1.0, dt.dtype, dt.device)
     factor = (
         safety
         * ratio.clamp_min(RATIO_FLOOR) ** (-(ICOEFF + PCOEFF) / order)
