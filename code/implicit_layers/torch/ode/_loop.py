@@ -294,7 +294,8 @@ def integrate(
             if shared:
                 ratio = torch.where(running, ratio, zero).amax().expand(batch)
             accept, dt_next = propose_step(dt_now, ratio, ratio_prev, tableau.order)
-            t_new = torch.where(dt_now >= t_end - t, t_end, t + dt_now)
+            # Never past t_end, not even by the rounding of t + dt: a step that ends the integration ends on t_end.
+            t_new = torch.where(dt_now >= t_end - t, t_end, torch.minimum(t + dt_now, t_end))
         else:
             # A fixed step cannot be rejected; only a NaN/Inf state stops the sample.
             accept = torch.isfinite(y1.detach()).flatten(1).all(dim=1)
@@ -336,6 +337,10 @@ def integrate(
             passed = torch.searchsorted(grid, t_new.contiguous(), right=True)
             for index in range(int(first), last):
                 emit = move & (next_output <= index) & (passed > index)
+                if index == num_outputs - 1:
+                    # Every sample that passed the last time stopped on it: its output is the step's end state.
+                    ys[index] = torch.where(per_sample(emit, y), y1, ys[index])
+                    continue
                 theta = ((grid[index] - t_old) / torch.where(emit, dt_step, torch.ones_like(dt_step))).clamp(0, 1)
                 theta = torch.where(grid[index] >= t_new, torch.ones_like(theta), theta)
                 value = interpolate(theta, y_old, y1, f_old, f1, y_mid, dt_step)
