@@ -38,8 +38,9 @@ $(STAMP): requirements.txt code/pyproject.toml
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-# The benchmark compares our solvers with torchdeq, jaxopt and optimistix, which install into an environment
-# of their own, never into the book's. BENCH_ARGS passes options on, for example BENCH_ARGS=--quick.
+# The benchmarks compare our solvers with torchdeq, jaxopt, optimistix, torchdiffeq, torchode and diffrax,
+# which install into an environment of their own, never into the book's. BENCH_ARGS passes options on to both
+# scripts, for example BENCH_ARGS=--quick.
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
@@ -65,6 +66,7 @@ test: $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/fixed_point.py $(BENCH_ARGS)
+	$(BENCH_PY) benchmarks/ode.py $(BENCH_ARGS)
 
 serve:
 	@test -f $(OUTPUT)/_build/html/index.html || { echo "No site in $(OUTPUT)/_build/html: run 'make book' first." >&2; exit 1; }

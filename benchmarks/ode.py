@@ -1,0 +1,289 @@
+"""Time our batched ODE solvers beside torchdiffeq, torchode and diffrax on the same neural ODE.
+
+Every library integrates the same float32 MLP vector field (see ``ode_problem.py``) with Dormand-Prince 5(4) at
+the same tolerances; every answer is checked against a float64 SciPy reference (the state at t1, and the gradient
+of a loss by the adjoint equations), and the table gives those errors next to the time. A second table gives the
+peak memory of each of our gradient modes as the integration gets longer. Run it in the benchmark environment,
+which ``make bench`` builds::
+
+    python benchmarks/ode.py [--quick] [--repeats N] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+import torch
+
+import ode_jax
+import ode_torch
+from harness import cpu_seconds, machine, others_share, time_in_rounds, versions
+from implicit_layers import jax as ours_jax
+from implicit_layers import torch as ours_torch
+from ode_problem import Problem, make_problem, reference, relative_error
+from ode_settings import Case, Settings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WARMUPS = 2
+"""Calls before the timed repeats; the first is timed on its own (for JAX: compilation and one run)."""
+PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "torchdiffeq", "torchode", "diffrax", "equinox")
+MEMORY_HORIZONS = (1.0, 2.0, 4.0, 8.0)
+"""End times of the memory table: a longer integration takes more steps."""
+
+
+@dataclass(frozen=True)
+class Row:
+    case: Case
+    nfe: Optional[int] = None
+    y_error: Optional[float] = None
+    grad_error: Optional[float] = None
+    first_call_s: Optional[float] = None
+    median_ms: Optional[float] = None
+    ratio: str = ""
+    note: str = ""
+    grads: Optional[dict] = None  # kept for the comparison of our modes with each other
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 16, 2 repeats, two horizons")
+    parser.add_argument("--repeats", type=int, help="timed rounds after the warm-ups (default 10, quick 2)")
+    parser.add_argument("--out", type=Path, help="markdown file for the results (default: under benchmarks/results)")
+    args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 10
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.out is None:
+        label = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-quick" if args.quick else "")
+        args.out = RESULTS / f"ode-{label}.md"
+    return args
+
+
+def measure_group(cases: list[Case], problem: Problem, settings: Settings, references, repeats: int) -> list[Row]:
+    """Time one framework's cases of one task side by side (see ``harness.time_in_rounds``) and check each first
+    call's answer against the float64 references."""
+    y_reference, grad_reference = references
+    rows, runs = {case: Row(case, note=case.unavailable or "") for case in cases}, {}
+    for case in cases:
+        if case.unavailable:
+            continue
+        try:
+            runs[case] = case.prepare(problem, settings)
+        except Exception as error:  # a peer's failure is a result to report, not a reason to stop the others
+            rows[case] = _failed(rows[case], error)
+    firsts, times, failures = time_in_rounds({case: run.call for case, run in runs.items()}, WARMUPS, repeats)
+    for case, error in failures.items():
+        rows[case] = _failed(rows[case], error)
+    for case, (first, first_call_s) in firsts.items():
+        outcome = runs[case].unpack(first)
+        rows[case] = replace(
+            rows[case],
+            nfe=outcome.nfe,
+            y_error=float(np.max(np.abs(outcome.y1 - y_reference))),
+            grad_error=None if outcome.grads is None else relative_error(outcome.grads, grad_reference),
+            grads=outcome.grads,
+            first_call_s=first_call_s,
+            median_ms=1e3 * statistics.median(times[case]),
+        )
+    return [rows[case] for case in cases]
+
+
+def _failed(row: Row, error: Exception) -> Row:
+    return replace(row, note=f"failed: {type(error).__name__}: {error}".replace("\n", " ")[:300])
+
+
+def with_ratios(rows: list[Row]) -> list[Row]:
+    """Fill "time / peer" in our rows: against every peer of the same framework and task (forward, or any
+    gradient mode)."""
+    def task(row: Row) -> str:
+        return "forward" if row.case.gradient is None else "gradient"
+
+    peers = [r for r in rows if r.case.library != "ours" and r.median_ms is not None]
+
+    def ratio(row: Row) -> str:
+        if row.case.library != "ours" or row.median_ms is None:
+            return ""
+        return ", ".join(
+            f"{row.median_ms / peer.median_ms:.2f} ({peer.case.library} {peer.case.gradient or ''})".replace(" )", ")")
+            for peer in peers if (peer.case.framework, task(peer)) == (row.case.framework, task(row)))
+
+    return [replace(row, ratio=ratio(row)) for row in rows]
+
+
+def results_table(rows: list[Row]) -> str:
+    header = ("| framework | library | method | gradient | NFE | max abs error y(t1) | grad rel. error "
+              "| first call (s) | median (ms) | time / peer | note |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in rows:
+        cells = [r.case.framework, r.case.library, r.case.method, r.case.gradient or "forward only",
+                 "" if r.nfe is None else str(r.nfe), _number(r.y_error), _number(r.grad_error),
+                 "" if r.first_call_s is None else f"{r.first_call_s:.2f}",
+                 "" if r.median_ms is None else f"{r.median_ms:.3g}", r.ratio, r.note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.1e}"
+
+
+def modes_compared(rows: list[Row]) -> str:
+    """How far our checkpoint and adjoint gradients are from our backprop gradient of the same discrete solve:
+    checkpointing must reproduce it to round-off; the adjoint differs by its own discretization error."""
+    lines = ["| framework | method | checkpoint vs backprop | adjoint vs backprop |", "|---|---|---|---|"]
+    ours = {(r.case.framework, r.case.method, r.case.gradient): r.grads for r in rows
+            if r.case.library == "ours" and r.grads is not None}
+    for framework, method in sorted({(f, m) for f, m, _ in ours}):
+        backprop = ours.get((framework, method, "backprop"))
+        cells = []
+        for mode in ("checkpoint", "adjoint"):
+            other = ours.get((framework, method, mode))
+            cells.append("" if backprop is None or other is None else _number(relative_error(other, backprop)))
+        lines.append(f"| {framework} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(problem_batch: int, settings: Settings, horizons: tuple[float, ...]) -> str:
+    """Peak memory of our torch forward+backward per gradient mode as t1 grows (``peak_memory_bytes``: the highest
+    level of allocated tensor memory during the call, CPU profiler or CUDA counters), and the bytes XLA plans for
+    the jitted JAX gradient (``compiled_memory_bytes``: arguments, outputs, temporaries)."""
+    lines = ["| t1 | NFE (forward, per_sample) | " + " | ".join(
+        f"torch {mode} (MiB) | JAX {mode} (MiB)" for mode in settings.our_gradients) + " |"]
+    lines.append("|" + "---|" * (2 + 2 * len(settings.our_gradients)))
+    for t1 in horizons:
+        problem = make_problem(problem_batch, t1=t1)
+        cells, nfe = [], None
+        for mode in settings.our_gradients:
+            field, y0, c = ode_torch._inputs(problem)
+            t = torch.tensor([0.0, t1])
+
+            def forward_backward():
+                ys, result = ours_torch.odeint(field, y0, t, method="dopri5", rtol=settings.rtol, atol=settings.atol,
+                                               gradient=mode, warn=False)
+                (ys[-1] * c).sum().backward()
+                return result
+
+            result, peak = ours_torch.peak_memory_bytes(forward_backward)
+            nfe = int(result.nfe.max())
+            jax_params, jax_y0, jax_c = ode_jax._inputs(problem)
+            jax_t = jax.numpy.array([0.0, t1], jax.numpy.float32)
+
+            def loss(p):
+                bound = {"max_steps": ode_jax.BACKPROP_MAX_STEPS} if mode == "backprop" else {}
+                ys, _ = ours_jax.odeint(lambda t, y, p: ode_jax.mlp(p, y), jax_y0, jax_t, p, method="dopri5",
+                                        rtol=settings.rtol, atol=settings.atol, gradient=mode, warn=False, **bound)
+                return (ys[-1] * jax_c).sum()
+
+            planned = ours_jax.compiled_memory_bytes(jax.grad(loss), jax_params)
+            cells += [f"{peak / 2**20:.2f}", f"{planned / 2**20:.2f}"]
+        lines.append(f"| {t1:g} | {nfe} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(args, settings: Settings, batch: int, rows: list[Row], memory: str, info: dict) -> str:
+    modes = modes_compared(rows)
+    listing = lambda d: "\n".join(f"- {key}: {value}" for key, value in d.items())  # noqa: E731
+    return f"""# ODE solvers: ours beside torchdiffeq, torchode and diffrax
+
+`python benchmarks/ode.py {' '.join(sys.argv[1:])}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
+
+## Machine
+{listing(info)}
+
+## Versions
+{listing(versions(PACKAGES))}
+
+## Problem and settings
+- The vector field is an MLP 2-64-64-2 with tanh (see `ode_problem.py`). The batch is {batch} states, float32,
+  integrated from t = 0 to 1 with Dormand-Prince 5(4) at rtol = {settings.rtol:g} and atol = {settings.atol:g}.
+  The loss is `L = sum(y(1) * c)`. The gradient is `dL/d(W1, b1, W2, b2, W3, b3)`.
+- Checks: "max abs error y(t1)" compares with SciPy's DOP853 at 1e-12. "grad rel. error" is the largest relative
+  Frobenius error over the six parameters, compared with the adjoint equations integrated by DOP853 at 1e-12
+  along the dense forward solution. These are float64 references that share no code with any library measured.
+- Step control: ours "per_sample" gives every sample its own step size and accept/reject decision; "shared" uses
+  one step for the batch, set by its worst sample. torchdiffeq shares one step with an error norm over the whole
+  batch. torchode steps per sample. diffrax "batch as one state" treats the batch as one system with an RMS error
+  norm over all of it; "vmap over samples" integrates each sample on its own under `jax.vmap`.
+- Gradients: ours "backprop" differentiates through every operation of the solver; "checkpoint" stores the
+  accepted states and recomputes each step in the backward pass; "adjoint" solves the continuous adjoint backwards
+  at the forward tolerances. torchdiffeq: `odeint` (backprop) and `odeint_adjoint`. torchode: `AutoDiffAdjoint`
+  (backprop). diffrax: `RecursiveCheckpointAdjoint` (its default, backprop with checkpoints) and
+  `BacksolveAdjoint`. In no library does the step size carry a gradient, except torchode, which differentiates
+  through its controller.
+- NFE is the number of batched evaluations of the vector field. In torch it is counted by wrapping the field and
+  includes the backward pass. For our JAX solver it is the largest per-sample count of the forward solve. For
+  diffrax it is derived from its step count as 6 per step plus 3, and covers the forward solve only.
+- Timing is wall clock. The first call runs alone (for JAX this is compilation plus one run). One more warm-up
+  call follows, then {args.repeats} rounds in which every case of the same framework and task runs once, in turn.
+  The table gives the median per case. Torch and JAX cases are timed apart. "time / peer" is our median divided by
+  the peer's, so a value above 1 means ours is slower.
+
+## Results
+{results_table(rows)}
+
+## Our gradient modes against our backprop gradient
+The largest relative Frobenius error over the parameters, taking our backprop gradient as the reference.
+
+{modes}
+
+## Memory of our gradient modes as the integration gets longer
+Batch {batch}, the same field and tolerances, t from 0 to t1. The torch columns give the peak of the tensor memory
+allocated during one forward and backward pass, from `peak_memory_bytes`. The JAX columns give the bytes XLA plans
+for the jitted gradient, from `compiled_memory_bytes`: arguments, outputs and temporaries. JAX's "backprop" is a
+scan over all `max_steps` steps (here {ode_jax.BACKPROP_MAX_STEPS}, in the results table too; the default is 10 000), so its
+plan does not depend on how many steps are actually taken.
+
+{memory}
+"""
+
+
+def _table_order(case: Case) -> tuple:
+    return (case.framework != "torch", case.gradient is not None, case.library != "ours", case.library,
+            case.method, case.gradient or "")
+
+
+def main() -> None:
+    args = parse_args()
+    settings = Settings()
+    batch = 16 if args.quick else 256
+    info = machine()
+    if os.getloadavg()[0] > 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.2f}: other work shares the CPU, timings will be noisy",
+              file=sys.stderr)
+    start, started = cpu_seconds(), time.perf_counter()
+    problem = make_problem(batch)
+    references = reference(problem)
+    cases = sorted(ode_torch.cases(settings) + ode_jax.cases(settings), key=_table_order)
+    rows = []
+    # Frameworks and tasks are timed apart: torch's OpenMP threads spin for a while after each call and slow a
+    # JAX call that follows (seen in the fixed-point benchmark).
+    for framework in ("torch", "jax"):
+        for gradient in (False, True):
+            group = [c for c in cases if c.framework == framework and (c.gradient is not None) == gradient]
+            for row in measure_group(group, problem, settings, references, args.repeats):
+                print(f"{framework} {row.case.library} {row.case.method} {row.case.gradient}: "
+                      f"{row.median_ms or 0:.1f} ms {row.note}", file=sys.stderr, flush=True)
+                rows.append(row)
+    memory = memory_table(batch, settings, MEMORY_HORIZONS[:2] if args.quick else MEMORY_HORIZONS)
+    info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
+    text = report(args, settings, batch, with_ratios(rows), memory, info)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    print(f"written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
