@@ -83,19 +83,20 @@ def rk_step(f: Field, t: torch.Tensor, y: torch.Tensor, f0: torch.Tensor, dt: to
         # Autograd cannot see through writes into one buffer, so the stages are stacked anew for each product.
         stages = [f0]
         for time, row in zip(times, coefficients.rows):
-            combination = row @ torch.stack(stages).view(len(stages), -1)
+            combination = torch.mm(row, torch.stack(stages).view(len(stages), -1))
             stages.append(f(time, torch.addcmul(y, h, combination.view_as(y))))
         stacked = torch.stack(stages).view(num_stages, -1)
         last = stages[-1]
     else:
         # Without a graph each stage is written once into a buffer whose leading rows feed the next stage.
         stacked = torch.empty((num_stages, y.numel()), dtype=y.dtype, device=y.device)
-        stacked[0] = f0.reshape(-1)
+        rows = stacked.view(num_stages, *y.shape).unbind(0)
+        rows[0].copy_(f0)
         for index, (time, row) in enumerate(zip(times, coefficients.rows), start=1):
-            combination = row @ stacked[:index]
+            combination = torch.mm(row, stacked[:index])
             last = f(time, torch.addcmul(y, h, combination.view_as(y)))
-            stacked[index] = last.reshape(-1)
-    sums = (coefficients.outputs @ stacked).view(-1, *y.shape).unbind(0)
+            rows[index].copy_(last)
+    sums = torch.mm(coefficients.outputs, stacked).view(-1, *y.shape).unbind(0)
     y1 = torch.addcmul(y, h, sums[0])
     f1 = last if tableau.fsal else None
     error = None if tableau.b_low is None else h * sums[1]
