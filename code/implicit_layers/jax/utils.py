@@ -59,7 +59,7 @@ def cache_compilations(directory: Optional[Union[str, os.PathLike]] = None) -> s
 
     Parameters
     ----------
-    directory : str or path-like, optional
+    directory : str or Path, optional
         Where the compiled programs are kept; by default a new temporary directory, so nothing outlives the
         session's files in the system's temporary folder and no earlier session's programs are reused.
 

@@ -16,8 +16,10 @@ class ODEResult(NamedTuple):
     nfe : jax.Array
         Evaluations of ``f`` made for each sample while it was integrating, shape (B,), int32: the initial
         derivative, the initial step selection's trial, and every stage of every attempted step.
-    num_accepted, num_rejected : jax.Array
-        Steps each sample accepted and rejected, shape (B,), int32 (fixed-step methods reject none).
+    num_accepted : jax.Array
+        Steps each sample accepted, shape (B,), int32.
+    num_rejected : jax.Array
+        Steps each sample rejected, shape (B,), int32 (fixed-step methods reject none).
     final_dt : jax.Array
         The last step size each sample used, signed in the direction of ``t``, shape (B,).
     t_reached : jax.Array

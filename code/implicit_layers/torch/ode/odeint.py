@@ -46,7 +46,7 @@ def odeint(
         must depend on that sample alone.
     y0 : torch.Tensor
         Initial states, shape (B, ...), floating point, finite.
-    t : torch.Tensor or sequence of float
+    t : torch.Tensor or list of float
         Output times shared by the batch, 1-D, strictly increasing or strictly decreasing, at least two;
         ``t[0]`` is the initial time. No gradient flows to ``t``.
     method : str

@@ -15,8 +15,10 @@ class ODEResult(NamedTuple):
     nfe : torch.Tensor
         Evaluations of ``f`` made for each sample while it was integrating, shape (B,), int64: the initial
         derivative, the initial step selection's trial, and every stage of every attempted step.
-    num_accepted, num_rejected : torch.Tensor
-        Steps each sample accepted and rejected, shape (B,), int64 (fixed-step methods reject none).
+    num_accepted : torch.Tensor
+        Steps each sample accepted, shape (B,), int64.
+    num_rejected : torch.Tensor
+        Steps each sample rejected, shape (B,), int64 (fixed-step methods reject none).
     final_dt : torch.Tensor
         The last step size each sample used, signed in the direction of ``t``, shape (B,).
     t_reached : torch.Tensor
