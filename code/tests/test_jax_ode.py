@@ -3,6 +3,7 @@ composition with jit, vmap and grad, gradients in every mode, and every refusal 
 
 Most solves go through one jitted ``solve`` (options static), so that a repeated configuration compiles once."""
 
+import functools
 import math
 import warnings
 
@@ -61,37 +62,41 @@ def linear_exact(y0, times):
     return np.stack([np.asarray(y0) @ expm(ROTATION * float(s)).T for s in times])
 
 
-def scipy_reference(f, y0, times, theta):
-    """DOP853 at rtol = atol = 1e-12, one sample at a time, shape (T, B, ...)."""
+@functools.lru_cache
+def scipy_reference(problem):
+    """DOP853 at rtol = atol = 1e-12, one sample at a time, at six times from 0 to the problem's end, shape
+    (T, B, ...); once per problem."""
+    f, y0, t_end = PROBLEMS[problem]
+    times = np.linspace(0.0, t_end, 6)
+    field_at = jax.jit(lambda s, y: f(s[None], y[None], ROTATION)[0])
 
     def field(s, y):
-        return np.asarray(f(jnp.array([s]), jnp.asarray(y)[None], theta)[0])
+        return np.asarray(field_at(s, y))
 
-    return np.stack(
-        [
-            solve_ivp(field, (times[0], times[-1]), sample, method="DOP853", rtol=1e-12, atol=1e-12,
-                      t_eval=times).y.T
-            for sample in np.asarray(y0)
-        ],
-        axis=1,
-    )
+    solutions = [
+        solve_ivp(field, (times[0], times[-1]), np.array(sample), method="DOP853", rtol=1e-12, atol=1e-12,
+                  t_eval=times).y.T
+        for sample in y0
+    ]
+    return times, np.stack(solutions, axis=1)
 
 
-@pytest.mark.parametrize("problem", list(PROBLEMS))
-@pytest.mark.parametrize("method", ADAPTIVE)
-def test_adaptive_methods_match_scipy_within_a_multiple_of_the_tolerance(problem, method):
+@pytest.mark.parametrize(
+    "method, problem",
+    [("dopri5", problem) for problem in PROBLEMS]
+    + [("tsit5", "lorenz"), ("bosh3", "linear")],
+)
+def test_adaptive_methods_match_scipy_within_a_multiple_of_the_tolerance(method, problem):
     """Max error over outputs and samples, in units of rtol * (1 + max|y|): below 20 at every tolerance, and it
-    falls at least 20-fold per 100-fold tighter tolerance."""
-    f, y0, t_end = PROBLEMS[problem]
-    y0 = jnp.array(y0)
-    times = np.linspace(0.0, t_end, 6)
-    theta = jnp.asarray(ROTATION)
-    reference = scipy_reference(f, y0, times, theta)
+    falls at least 20-fold per 100-fold tighter tolerance. Every problem with dopri5, one each for the others
+    (each tolerance is a compilation, the cost of this test)."""
+    f, y0, _ = PROBLEMS[problem]
+    times, reference = scipy_reference(problem)
     if problem == "linear":
         np.testing.assert_allclose(reference, linear_exact(y0, times), rtol=0, atol=1e-10)
     errors = []
     for rtol in (1e-4, 1e-6, 1e-8):
-        ys, result = solve(f, y0, jnp.asarray(times), theta, method=method, rtol=rtol, atol=rtol)
+        ys, result = solve(f, jnp.array(y0), jnp.asarray(times), ROTATION, method=method, rtol=rtol, atol=rtol)
         assert result.status == "converged"
         error = float(np.abs(np.asarray(ys) - reference).max())
         assert error <= 20 * rtol * (1 + float(np.abs(reference).max())), (rtol, error)
@@ -268,10 +273,10 @@ def test_discrete_gradients_pass_check_grads(gradient):
                 modes=["rev"], atol=1e-7, rtol=1e-7)
 
 
-@pytest.mark.parametrize("gradient", ("backprop", "checkpoint", "adjoint"))
-def test_adaptive_gradients_pass_check_grads_at_tight_tolerances(gradient):
-    """Step sizes carry no gradient, so finite differences see them move: at rtol 1e-11 that is below 1e-6."""
-    run = solve_for_gradient(gradient, rtol=1e-11, atol=1e-11, max_steps=500)
+def test_the_adjoint_passes_check_grads_at_tight_tolerances():
+    """Step sizes carry no gradient, so finite differences see them move: at rtol 1e-11 that is below 1e-6. (The
+    other modes pass check_grads above, with fixed steps, and equal each other below.)"""
+    run = solve_for_gradient("adjoint", rtol=1e-11, atol=1e-11)
     check_grads(run, gradient_inputs(), order=1, modes=["rev"], atol=1e-6, rtol=1e-5)
 
 
@@ -286,7 +291,7 @@ def test_checkpoint_equals_backprop():
 
 
 def test_adjoint_approaches_backprop_as_its_tolerances_shrink():
-    exact = gradient_of_squares(solve_for_gradient("backprop", rtol=1e-12, atol=1e-12, max_steps=1000),
+    exact = gradient_of_squares(solve_for_gradient("checkpoint", rtol=1e-12, atol=1e-12, max_steps=300),
                                 *gradient_inputs())
     gaps = []
     for tolerance in (1e-4, 1e-7, 1e-10):
@@ -312,9 +317,10 @@ def test_adjoint_matches_backprop_across_methods_controls_and_directions(method,
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-8)
 
 
-@pytest.mark.parametrize("gradient", ("backprop", "checkpoint", "adjoint"))
+@pytest.mark.parametrize("gradient", ("checkpoint", "adjoint"))
 def test_gradients_compose_with_vmap_and_take_any_pytree(gradient):
-    """A dict for theta, and per-example gradients by vmap over a leading axis: each equals its own grad."""
+    """A dict for theta, and per-example gradients by vmap over a leading axis: each equals its own grad. (The
+    custom rules are what vmap could break; backprop is JAX's own autodiff.)"""
 
     def field(t, y, theta):
         return tanh_field(t, y, theta["weight"]) * theta["scale"]
@@ -325,9 +331,10 @@ def test_gradients_compose_with_vmap_and_take_any_pytree(gradient):
 
     y0, weight = gradient_inputs()
     theta = dict(weight=weight, scale=jnp.array(0.7))
-    mapped = jax.vmap(jax.grad(loss, argnums=1), in_axes=(0, None))(y0[:, None], theta)
+    mapped = jax.jit(jax.vmap(jax.grad(loss, argnums=1), in_axes=(0, None)))(y0[:, None], theta)
+    grad_alone = jax.jit(jax.grad(loss, argnums=1))
     for index in range(2):
-        alone = jax.grad(loss, argnums=1)(y0[index : index + 1], theta)
+        alone = grad_alone(y0[index : index + 1], theta)
         for key in theta:
             np.testing.assert_allclose(mapped[key][index], alone[key], rtol=1e-12, atol=1e-14)
 
