@@ -263,7 +263,8 @@ def gradient_inputs():
 
 
 def gradient_of_squares(run, y0, weight):
-    return jax.grad(lambda y0, weight: jnp.sum(run(y0, weight) ** 2), argnums=(0, 1))(y0, weight)
+    """The gradient of the sum of squares of the outputs, as one jitted program (one compilation)."""
+    return jax.jit(jax.grad(lambda y0, weight: jnp.sum(run(y0, weight) ** 2), argnums=(0, 1)))(y0, weight)
 
 
 @pytest.mark.parametrize("gradient", ("backprop", "checkpoint"))
