@@ -319,6 +319,21 @@ def test_finished_samples_never_evaluate_f_past_the_end():
     torch.testing.assert_close(gradient[:, 0], torch.exp(-2 * rates / 3), rtol=1e-7, atol=1e-10)
 
 
+def test_a_solve_in_inference_mode_leaves_later_gradients_working():
+    """The coefficients a step caches are made outside inference mode, so a later solve can save them."""
+    from implicit_layers.torch.ode import _loop
+
+    _loop._coefficients.cache_clear()  # so that the solve in inference mode is the first to ask for them
+    _loop._constant.cache_clear()
+    layer = torch.nn.Linear(2, 2).to(DTYPE)
+    y0 = torch.randn(3, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        ilt.odeint(lambda t, y: layer(y), y0, [0.0, 1.0], method="tsit5")
+    ys, _ = ilt.odeint(lambda t, y: layer(y), y0, [0.0, 1.0], method="tsit5")
+    ys[-1].sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
 def test_at_most_one_host_synchronization_per_step(monkeypatch):
     """Every way of reading a tensor's value on the host is counted while a batch of samples integrates."""
     reads = []

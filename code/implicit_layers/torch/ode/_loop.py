@@ -46,7 +46,9 @@ class _Coefficients(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
+@torch.inference_mode(False)
 def _coefficients(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device) -> _Coefficients:
+    # Made outside inference mode even when first asked for inside it: autograd may save these for backward.
     rows = [tableau.b]
     if tableau.b_low is not None:
         rows.append(tuple(b - b_low for b, b_low in zip(tableau.b, tableau.b_low)))
@@ -140,9 +142,11 @@ def error_ratio(error, y0, y1, rtol, atol):
     return torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)
+@torch.inference_mode(False)
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``value`` as a 0-d tensor, made once: torch would otherwise convert a Python float at every use."""
+    """``value`` as a 0-d tensor, made once (outside inference mode, as autograd may save it): torch would
+    otherwise convert a Python float at every use."""
     return torch.tensor(value, dtype=dtype, device=device)
 
 
