@@ -40,7 +40,9 @@ class _Coefficients(NamedTuple):
     nodes: torch.Tensor
     """``c[1:]`` as a column (stages - 1, 1): every stage's time offset from one product with the step sizes."""
     rows: tuple
-    """``a[i][:i]`` as (1, i) rows, for stages 1 to the last: a stage's input from one product with the stages."""
+    """For stages 1 to the last, the pairs ``(j, a[i][j])`` of nonzero weights, each a 0-d tensor: a stage's
+    input is summed term by term in this order (a matrix product would round differently, and in float32 that
+    can flip a step's acceptance)."""
     outputs: torch.Tensor
     """The rows ``b``, then ``b - b_low`` and ``b_mid`` where the tableau has them, (rows, stages)."""
 
@@ -57,7 +59,8 @@ def _coefficients(tableau: ButcherTableau, dtype: torch.dtype, device: torch.dev
     return _Coefficients(
         nodes=torch.tensor(tableau.c[1:], dtype=dtype, device=device).view(-1, 1),
         rows=tuple(
-            torch.tensor([row[:index]], dtype=dtype, device=device) for index, row in enumerate(tableau.a) if index
+            tuple((j, torch.tensor(weight, dtype=dtype, device=device)) for j, weight in enumerate(row) if weight)
+            for row in tableau.a[1:]
         ),
         outputs=torch.tensor(rows, dtype=dtype, device=device),
     )
@@ -80,29 +83,18 @@ def rk_step(f: Field, t: torch.Tensor, y: torch.Tensor, f0: torch.Tensor, dt: to
     coefficients = _coefficients(tableau, y.dtype, y.device)
     h = per_sample(dt, y)
     times = (t + coefficients.nodes * dt).unbind(0)
-    num_stages = len(tableau.c)
-    if torch.is_grad_enabled():
-        # Autograd cannot see through writes into one buffer, so the stages are stacked anew for each product.
-        stages = [f0]
-        for time, row in zip(times, coefficients.rows):
-            combination = torch.mm(row, torch.stack(stages).view(len(stages), -1))
-            stages.append(f(time, torch.addcmul(y, h, combination.view_as(y))))
-        stacked = torch.stack(stages).view(num_stages, -1)
-        last = stages[-1]
-    else:
-        # Without a graph each stage is written once into a buffer whose leading rows feed the next stage.
-        stacked = torch.empty((num_stages, y.numel()), dtype=y.dtype, device=y.device)
-        rows = stacked.view(num_stages, *y.shape).unbind(0)
-        rows[0].copy_(f0)
-        for index, (time, row) in enumerate(zip(times, coefficients.rows), start=1):
-            combination = torch.mm(row, stacked[:index])
-            last = f(time, torch.addcmul(y, h, combination.view_as(y)))
-            rows[index].copy_(last)
-    sums = torch.mm(coefficients.outputs, stacked).view(-1, *y.shape).unbind(0)
-    y1 = torch.addcmul(y, h, sums[0])
-    f1 = last if tableau.fsal else None
+    stages = [f0]
+    for time, row in zip(times, coefficients.rows):
+        combination = None
+        for j, weight in row:
+            term = weight * stages[j]
+            combination = term if combination is None else combination + term
+        stages.append(f(time, y + h * combination))
+    sums = torch.mm(coefficients.outputs, torch.stack(stages).view(len(stages), -1)).view(-1, *y.shape).unbind(0)
+    y1 = y + h * sums[0]
+    f1 = stages[-1] if tableau.fsal else None
     error = None if tableau.b_low is None else h * sums[1]
-    y_mid = None if tableau.b_mid is None else torch.addcmul(y, h, sums[-1])
+    y_mid = None if tableau.b_mid is None else y + h * sums[-1]
     return y1, f1, error, y_mid
 
 
