@@ -201,6 +201,8 @@ def integrate(
     max_steps: int,
     unroll: bool = False,
     record: bool = False,
+    accumulate: Optional[Callable] = None,
+    accumulated: Any = None,
 ):
     """Integrate ``y' = f(t, y, theta)`` from ``grid[0]`` to ``grid[-1]`` on a strictly increasing ``grid`` (T,),
     giving ``ys`` (T, B, ...) by each step's dense output as steps pass the grid's times.
@@ -215,6 +217,11 @@ def integrate(
     With ``record``, also returns the per-step buffers (``max_steps`` rows) that ``checkpoint.py`` replays:
     the state and derivative a step started from, its time, size, end time, and which samples moved and which
     outputs they passed, plus the number of loop steps run.
+
+    With ``accumulate``, each step also updates ``accumulated = accumulate(accumulated, t, y, dt, accepted)``
+    (the step's start, per-sample step size, zero for frozen samples, and acceptance), called right after the
+    step's stages, before ``f`` is evaluated at the new state; the final value is returned last. The adjoint
+    adds its parameter gradient there.
     """
     batch = y0.shape[0]
     dtype = y0.dtype
@@ -263,6 +270,8 @@ def integrate(
         next_output=jnp.ones(batch, jnp.int32),
         ys=jnp.concatenate([y0[None], jnp.full((num_outputs - 1,) + y0.shape, jnp.nan, dtype)]),
     )
+    if accumulate is not None:
+        state["accumulated"] = accumulated
     if record:
         state["tape"] = dict(
             t=jnp.zeros((max_steps, batch), dtype),
@@ -294,6 +303,8 @@ def integrate(
             failed = failed | (running & ~accept)
             t_new = jnp.broadcast_to(fixed_step_edge(state["step"] + 1, t_start, t_end, dt, num_steps), (batch,))
         move = running & accept
+        if accumulate is not None:
+            accumulated_after = accumulate(state["accumulated"], t, y, dt_step, move)
         if f1 is None:
             f1 = field(t_new, y1)
         passed = jnp.searchsorted(grid, t_new, side="right").astype(jnp.int32)
@@ -324,6 +335,8 @@ def integrate(
             new["dt_now"] = jnp.where(still, next_dt, dt_now)
         new["failed"] = failed
         new["running"] = still
+        if accumulate is not None:
+            new["accumulated"] = accumulated_after
         if record:
             new["tape"] = {
                 key: jax.lax.dynamic_update_index_in_dim(state["tape"][key], value, state["step"], 0)
@@ -352,6 +365,8 @@ def integrate(
     ))
     if record:
         return state["ys"], result, state["tape"], state["step"]
+    if accumulate is not None:
+        return state["ys"], result, state["accumulated"]
     return state["ys"], result
 
 
