@@ -12,8 +12,25 @@ METHOD_COLORS = {
     "unrolled_newton": "#ff7f0e",
     "train": "#1f77b4",
     "test": "#ff7f0e",
+    # ODE solvers (Chapter 4 onwards); "scipy" is SciPy's solve_ivp
+    "euler": "#8c564b",
+    "midpoint": "#e377c2",
+    "rk4": "#7f7f7f",
+    "bosh3": "#bcbd22",
+    "dopri5": "#1f77b4",
+    "tsit5": "#17becf",
+    "scipy": "#000000",
+    # gradients through an ODE solve: backprop is unrolling, the adjoint is the implicit (continuous) rule
+    "backprop": "#1f77b4",
+    "checkpoint": "#ff7f0e",
+    "adjoint": "#d62728",
+    # models compared in Chapter 4
+    "resnet": "#ff7f0e",
+    "ode_net": "#1f77b4",
+    "augmented_ode_net": "#2ca02c",
+    "kinetic_energy": "#9467bd",  # an ODE-net trained with the kinetic-energy regularizer
 }
-"""Colors keyed by method name (solvers, gradient methods, data splits)."""
+"""Colors keyed by method name (solvers, gradient methods, data splits, models)."""
 
 
 def use_book_style() -> None:
