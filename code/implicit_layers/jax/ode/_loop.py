@@ -307,7 +307,8 @@ def integrate(
             accumulated_after = accumulate(state["accumulated"], t, y, dt_step, move)
         if f1 is None:
             f1 = field(t_new, y1)
-        passed = jnp.searchsorted(grid, t_new, side="right").astype(jnp.int32)
+        # One comparison per output time: the default method is a loop of its own, inside every step.
+        passed = jnp.searchsorted(grid, t_new, side="right", method="compare_all").astype(jnp.int32)
         new = dict(
             step=state["step"] + 1,
             nfe=state["nfe"] + running * stages_per_step,

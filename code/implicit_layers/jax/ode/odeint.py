@@ -14,8 +14,8 @@ from ..._checks import check_odeint_options, check_time_grid, check_time_grid_sh
 from ..._tableaus import ODE_METHODS
 from ...errors import report_ode_convergence
 from .._validation import check_batched_state, is_concrete
-from ._loop import directed, integrate
 from .adjoint import adjoint_integrate
+from .backprop import backprop_integrate
 from .checkpoint import checkpointed_integrate
 from .result import ODEResult
 
@@ -75,10 +75,12 @@ def odeint(
         ``"per_sample"``: each sample its own step size and acceptance; ``"shared"``: one step size for the
         batch, set by the largest error ratio among running samples.
     max_steps : int
-        Steps (accepted and rejected) each sample may attempt. ``gradient="backprop"`` runs that many loop steps
-        (idle ones skipped) and ``"checkpoint"`` allocates that many rows of two states, so keep it near need.
+        Steps (accepted and rejected) each sample may attempt. A solve differentiated with
+        ``gradient="backprop"`` runs that many loop steps (idle ones skipped) and ``"checkpoint"`` allocates that
+        many rows of two states, so keep it near need.
     gradient : str
-        ``"backprop"``: autodiff through every operation of the solver (a ``lax.scan`` of ``max_steps``);
+        ``"backprop"``: autodiff through every operation of the solver (a ``lax.scan`` of ``max_steps``, run
+        only when the solve is differentiated; otherwise a loop that stops with the last sample);
         ``"checkpoint"``: the same gradient, each step recomputed in the backward pass from its stored start;
         ``"adjoint"``: the continuous adjoint, the augmented system solved backwards from ``t[-1]``, restarted at
         each output time, in memory independent of the number of steps. Step sizes carry no gradient in any
@@ -151,7 +153,7 @@ def odeint(
     grid = sign * t
     report = partial(_report, max_steps=options["max_steps"], strict=strict) if warn or strict else None
     if gradient == "backprop":
-        ys, result = integrate(directed(f, sign), y0, grid, theta, tableau, unroll=True, **settings)
+        ys, result = backprop_integrate(f, y0, grid, theta, sign, tableau, **settings)
     elif gradient == "checkpoint":
         ys, result = checkpointed_integrate(f, y0, grid, theta, sign, tableau, **settings)
     else:

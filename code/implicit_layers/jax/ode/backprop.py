@@ -1,0 +1,42 @@
+"""gradient="backprop": autodiff through every operation of the solver."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._loop import check_field_output, directed, flags_as_numbers, integrate, numbers_as_flags
+
+
+def backprop_integrate(f, y0, grid, theta, sign, tableau, **settings):
+    """Integrate as ``integrate`` does; derivatives come from autodiff of the same steps as a ``lax.scan``.
+
+    Reverse mode cannot traverse a ``lax.while_loop``, so a differentiated solve is a ``lax.scan`` of
+    ``max_steps`` steps, each skipped by ``lax.cond`` once no sample runs. A solve that is not differentiated
+    need not pay for the idle steps: the solve is a ``jax.custom_jvp`` whose primal is the ``lax.while_loop``,
+    which stops with the last running sample, and whose rule is the forward-mode derivative of the scan (which
+    reverse mode transposes). Both run the same step function, so both give the same outputs.
+
+    Values that ``f`` closes over are differentiable as with plain autodiff: ``jax.closure_convert`` makes them
+    explicit arguments of the custom rule. ``grid`` is ``sign * t``, increasing.
+    """
+    def checked(t, y, theta):
+        value = f(t, y, theta)
+        check_field_output(value, y)
+        return value
+
+    field, closed_over = jax.closure_convert(checked, jnp.broadcast_to(grid[0], y0.shape[:1]), y0, theta)
+
+    def solve_with(unroll):
+        def run(y0, grid, theta, sign, closed_over):
+            def user_field(t, y, theta):
+                return field(t, y, theta, *closed_over)
+
+            ys, result = integrate(directed(user_field, sign), y0, grid, theta, tableau, unroll=unroll, **settings)
+            return ys, flags_as_numbers(result)
+        return run
+
+    solve = jax.custom_jvp(solve_with(unroll=False))
+    solve.defjvp(lambda primals, tangents: jax.jvp(solve_with(unroll=True), primals, tangents))
+    ys, result = solve(y0, grid, theta, sign, closed_over)
+    return ys, numbers_as_flags(result)
