@@ -10,8 +10,9 @@ from ..._checks import check_odeint_options, check_time_grid
 from ..._tableaus import ODE_METHODS
 from ...errors import report_ode_convergence
 from .._validation import check_batched_state
-from ._loop import integrate, rk_step
+from ._loop import integrate
 from .adjoint import adjoint_integrate
+from .backprop import backprop_integrate
 from .checkpoint import checkpointed_step
 from .result import ODEResult
 
@@ -151,9 +152,10 @@ def odeint(
             warn=warn,
             **settings,
         )
+    elif gradient == "checkpoint":
+        ys, result = integrate(field, y0, grid, step=checkpointed_step, **settings)
     else:
-        step = checkpointed_step if gradient == "checkpoint" else rk_step
-        ys, result = integrate(field, y0, grid, step=step, **settings)
+        ys, result = backprop_integrate(field, y0, grid, **settings)
     result = result._replace(t_reached=direction * result.t_reached, final_dt=direction * result.final_dt)
     if warn or strict:
         report_ode_convergence(
