@@ -178,8 +178,10 @@ def test_bad_inputs_name_the_argument():
         newton(f, jnp.zeros(x.shape, jnp.int32))
     with pytest.raises(ValueError, match="z0 contains NaN or Inf"):
         forward_iteration(f, jnp.full(x.shape, jnp.nan))
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="array of z's shape"):
         forward_iteration(lambda z: z[:, :3], jnp.zeros(x.shape))
+    with pytest.raises(TypeError, match=r"f\(z\) must return a JAX array, got float"):
+        forward_iteration(lambda z: 1.0, jnp.zeros(x.shape))
     with pytest.raises(ValueError, match=r"f\(z0\) contains NaN or Inf"):
         newton(lambda z: z + jnp.inf, jnp.zeros(x.shape))
     with pytest.raises(ValueError, match="tol must be a positive finite number"):

@@ -243,9 +243,9 @@ def test_bad_inputs_name_the_argument(name, problem):
     nan_start[1, 2] = float("nan")
     with pytest.raises(ValueError, match="z0 contains NaN or Inf"):
         solve(f, nan_start)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="tensor of z's shape"):
         solve(lambda z: z[:, :4], torch.zeros_like(x))
-    with pytest.raises(ValueError, match="same dtype"):
+    with pytest.raises(ValueError, match="tensor of z's dtype"):
         solve(lambda z: z.float(), torch.zeros_like(x))
     with pytest.raises(ValueError, match=r"f\(z0\) contains NaN or Inf"):
         solve(lambda z: z + float("inf"), torch.zeros_like(x))

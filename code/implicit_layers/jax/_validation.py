@@ -35,14 +35,23 @@ def check_batched_state(name: str, value: Any) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_returns_like(value: Any, reference: jax.Array, *, call: str, name: str) -> None:
+    """Raise unless ``value``, what ``call`` returned for the argument ``name`` (whose value is ``reference``),
+    is an array of ``reference``'s shape and dtype: the check every solver makes of its user's map (known when
+    traced, so it costs nothing at run time)."""
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise TypeError(f"{call} must return a JAX array, got {type(value).__name__}")
+    for attribute in ("shape", "dtype"):
+        if getattr(value, attribute) != getattr(reference, attribute):
+            raise ValueError(
+                f"{call} must return an array of {name}'s {attribute}: {name} has {attribute} "
+                f"{getattr(reference, attribute)}, {call} returned {getattr(value, attribute)}"
+            )
+
+
 def check_map_output(fz: Any, z0: jax.Array) -> None:
     """Raise unless ``f(z0)`` has the shape and dtype of ``z0`` (and, when known, finite values)."""
-    for attribute in ("shape", "dtype"):
-        if getattr(fz, attribute, None) != getattr(z0, attribute):
-            raise ValueError(
-                f"f must map z0 to an array of the same {attribute}: z0 has {attribute} "
-                f"{getattr(z0, attribute)}, f(z0) has {getattr(fz, attribute, type(fz).__name__)}"
-            )
+    check_returns_like(fz, z0, call="f(z)", name="z")
     if not known_to_be_finite(fz):
         raise ValueError("f(z0) contains NaN or Inf: check the inputs and parameters that f uses")
 

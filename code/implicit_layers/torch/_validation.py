@@ -21,16 +21,22 @@ def check_batched_state(name: str, value: Any) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_returns_like(value: Any, reference: torch.Tensor, *, call: str, name: str) -> None:
+    """Raise unless ``value``, what ``call`` returned for the argument ``name`` (whose value is ``reference``),
+    is a tensor of ``reference``'s shape, dtype and device: the check every solver makes of its user's map."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{call} must return a torch.Tensor, got {type(value).__name__}")
+    for attribute in ("shape", "dtype", "device"):
+        if getattr(value, attribute) != getattr(reference, attribute):
+            raise ValueError(
+                f"{call} must return a tensor of {name}'s {attribute}: {name} has {attribute} "
+                f"{_show(getattr(reference, attribute))}, {call} returned {_show(getattr(value, attribute))}"
+            )
+
+
 def check_map_output(fz: Any, z0: torch.Tensor) -> None:
     """Raise unless ``f(z0)`` is a finite tensor of the same shape, dtype and device as ``z0``."""
-    if not isinstance(fz, torch.Tensor):
-        raise TypeError(f"f(z0) must return a torch.Tensor, got {type(fz).__name__}")
-    for attribute in ("shape", "dtype", "device"):
-        if getattr(fz, attribute) != getattr(z0, attribute):
-            raise ValueError(
-                f"f must map z0 to a tensor of the same {attribute}: z0 has {attribute} "
-                f"{_show(getattr(z0, attribute))}, f(z0) has {_show(getattr(fz, attribute))}"
-            )
+    check_returns_like(fz, z0, call="f(z)", name="z")
     if not bool(torch.isfinite(fz).all()):
         raise ValueError("f(z0) contains NaN or Inf: check the inputs and parameters that f uses")
 

@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ..._tableaus import ButcherTableau
+from .._validation import check_returns_like
 from .result import ODEResult
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -186,18 +187,6 @@ def initial_step(f, t0, y0, f0, order, rtol, atol):
     return torch.minimum(100 * h0, h1)
 
 
-def check_field_output(value, y0):
-    """Raise unless ``f(t0, y0)`` is a tensor of ``y0``'s shape, dtype and device."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"f(t, y) must return a torch.Tensor, got {type(value).__name__}")
-    for attribute in ("shape", "dtype", "device"):
-        if getattr(value, attribute) != getattr(y0, attribute):
-            raise ValueError(
-                f"f(t, y) must return a tensor of y's {attribute}: y0 has {attribute} {getattr(y0, attribute)}, "
-                f"f(t0, y0) has {getattr(value, attribute)}"
-            )
-
-
 def fixed_step_edges(t0: float, t1: float, dt: Optional[float], num_steps: Optional[int]) -> list:
     """The times a fixed-step method steps through, from ``t0`` to ``t1 > t0`` exactly: ``num_steps`` uniform
     steps, or steps of ``dt`` with a shorter last one (none shorter than a billionth of ``dt``)."""
@@ -248,7 +237,7 @@ def integrate(
 
     t = grid[0].expand(batch).clone()
     f_start = f(t, y0)
-    check_field_output(f_start, y0)
+    check_returns_like(f_start, y0, call="f(t, y)", name="y")
     nfe = ones.clone()
     ys = [y0] + [torch.full_like(y0, math.nan) for _ in range(num_outputs - 1)]
 
