@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import solve_ivp
 
 import implicit_layers.torch as ilt
+import ode_problems as problems
 from implicit_layers._tableaus import ODE_METHODS
 from implicit_layers.errors import ConvergenceError, ConvergenceWarning
 from implicit_layers.torch.ode._loop import rk_step
@@ -18,63 +18,28 @@ ADAPTIVE = ("bosh3", "dopri5", "tsit5")
 FIXED = ("euler", "midpoint", "rk4")
 DTYPE = torch.float64
 
-# A damped rotation: y' = A y, with y(t) = expm(A t) y0.
-ROTATION = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=DTYPE)
+def stacked(components):
+    """A field of ``ode_problems`` as ``f(t, y)`` returning one tensor."""
+    def field(t, y):
+        return torch.stack(components(y), dim=1)
+    return field
 
 
-def linear(t, y):
-    return y @ ROTATION.T
-
-
-def lotka_volterra(t, y):
-    return torch.stack([1.5 * y[:, 0] - y[:, 0] * y[:, 1], -3.0 * y[:, 1] + y[:, 0] * y[:, 1]], dim=1)
-
-
-def van_der_pol(t, y):
-    return torch.stack([y[:, 1], (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], dim=1)
-
-
-def lorenz(t, y):
-    return torch.stack(
-        [10 * (y[:, 1] - y[:, 0]), y[:, 0] * (28 - y[:, 2]) - y[:, 1], y[:, 0] * y[:, 1] - 8 / 3 * y[:, 2]], dim=1
-    )
-
-
-PROBLEMS = {
-    "linear": (linear, [[1.0, 0.0], [0.5, 0.3]], 5.0),
-    "lotka_volterra": (lotka_volterra, [[1.0, 1.0], [2.0, 0.5]], 5.0),
-    "van_der_pol": (van_der_pol, [[2.0, 0.0], [0.5, 0.5]], 5.0),
-    "lorenz": (lorenz, [[1.0, 1.0, 1.0], [-2.0, 3.0, 20.0]], 1.0),
-}
+linear = stacked(problems.linear)
+FIELDS = {name: stacked(components) for name, (components, _, _) in problems.PROBLEMS.items()}
 
 
 def linear_exact(y0, times):
-    return torch.stack([y0 @ torch.linalg.matrix_exp(ROTATION * float(s)).T for s in times])
+    return torch.as_tensor(problems.linear_exact(torch.as_tensor(y0).numpy(), times))
 
 
-def scipy_reference(f, y0, times):
-    """DOP853 at rtol = atol = 1e-12, one sample at a time, shape (T, B, ...)."""
-
-    def field(s, y):
-        return f(torch.tensor([s], dtype=DTYPE), torch.tensor(y, dtype=DTYPE)[None])[0].numpy()
-
-    solutions = [
-        solve_ivp(field, (float(times[0]), float(times[-1])), sample.numpy(), method="DOP853", rtol=1e-12,
-                  atol=1e-12, t_eval=times.numpy()).y.T
-        for sample in y0
-    ]
-    return torch.tensor(np.stack(solutions, axis=1))
-
-
-@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("problem", list(problems.PROBLEMS))
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_adaptive_methods_match_scipy_within_a_multiple_of_the_tolerance(problem, method):
     """Max error over outputs and samples, in units of rtol * (1 + max|y|): below 20 at every tolerance, and it
     falls at least 20-fold per 100-fold tighter tolerance."""
-    f, y0, t_end = PROBLEMS[problem]
-    y0 = torch.tensor(y0, dtype=DTYPE)
-    times = torch.linspace(0.0, t_end, 6, dtype=DTYPE)
-    reference = scipy_reference(f, y0, times)
+    f, y0 = FIELDS[problem], torch.tensor(problems.PROBLEMS[problem][1], dtype=DTYPE)
+    times, reference = (torch.as_tensor(array) for array in problems.scipy_reference(problem))
     if problem == "linear":
         torch.testing.assert_close(reference, linear_exact(y0, times), rtol=0, atol=1e-10)
     errors = []
@@ -138,23 +103,21 @@ def test_fixed_steps_dt_and_num_steps_agree(method):
 
 
 def easy_and_hard():
-    """Sample 0 barely moves, sample 1 oscillates fast: y' = -k_b * rotate(y) with k = (0.05, 20)."""
-    rates = torch.tensor([0.05, 20.0], dtype=DTYPE)
+    """``ode_problems``' easy and hard samples: the field, and the exact solution as a tensor."""
+    rates = torch.as_tensor(problems.RATES)
 
     def f(t, y):
-        return rates[:, None] * torch.stack([y[:, 1], -y[:, 0]], dim=1)
+        return torch.stack(problems.easy_and_hard(y, rates), dim=1)
 
     def exact(y0, times):
-        angle = rates[None, :] * times[:, None]
-        c, s = torch.cos(angle), torch.sin(angle)
-        return torch.stack([c * y0[:, 0] + s * y0[:, 1], -s * y0[:, 0] + c * y0[:, 1]], dim=2)
+        return torch.as_tensor(problems.easy_and_hard_exact(y0.numpy(), times.numpy()))
 
     return f, exact
 
 
 def test_per_sample_control_takes_fewer_steps_on_the_easy_sample_than_shared():
     f, exact = easy_and_hard()
-    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    y0 = torch.tensor(problems.EASY_HARD_Y0)
     times = torch.linspace(0, 2, 5, dtype=DTYPE)
     steps = {}
     for control in ("per_sample", "shared"):
@@ -169,7 +132,7 @@ def test_per_sample_control_takes_fewer_steps_on_the_easy_sample_than_shared():
 @pytest.mark.parametrize("method", ("rk4", "tsit5"))
 def test_a_batched_solve_equals_one_solve_per_sample(method):
     f, _ = easy_and_hard()
-    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    y0 = torch.tensor(problems.EASY_HARD_Y0)
     options = dict(method=method, dt=0.01) if method == "rk4" else dict(method=method)
     batched, result = ilt.odeint(f, y0, [0.0, 0.7, 1.5], **options)
     for index in range(2):
@@ -341,7 +304,7 @@ def test_at_most_one_host_synchronization_per_step(monkeypatch):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
     f, _ = easy_and_hard()
-    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    y0 = torch.tensor(problems.EASY_HARD_Y0)
     _, result = ilt.odeint(f, y0, torch.linspace(0, 2, 5, dtype=DTYPE), rtol=1e-8, atol=1e-8)
     monkeypatch.undo()
     loop_steps = int((result.num_accepted + result.num_rejected).max())
@@ -371,7 +334,7 @@ Y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)
 
 @pytest.mark.parametrize(
     "arguments, error, message",
-    [
+    problems.OPTION_REFUSALS + [
         (dict(t=[[0.0, 1.0]]), ValueError, "t must be a 1-D grid"),
         (dict(t=[0.0]), ValueError, "t needs at least two times"),
         (dict(t=[0.0, 1.0, 0.5]), ValueError, "strictly increasing or strictly decreasing"),
@@ -381,17 +344,6 @@ Y0 = torch.tensor([[1.0, 0.0]], dtype=DTYPE)
         (dict(y0=torch.tensor([1.0, 0.0])), ValueError, "y0 must have shape"),
         (dict(f=lambda t, y: y[:, :1]), ValueError, "f\\(t, y\\) must return a tensor of y's shape"),
         (dict(f=lambda t, y: y.float()), ValueError, "f\\(t, y\\) must return a tensor of y's dtype"),
-        (dict(method="rk45"), ValueError, "unknown method 'rk45'"),
-        (dict(step_control="global"), ValueError, "unknown step_control 'global'"),
-        (dict(gradient="unrolled"), ValueError, "unknown gradient 'unrolled'"),
-        (dict(rtol=0.0), ValueError, "rtol must be a positive"),
-        (dict(atol=-1.0), ValueError, "atol must be a positive"),
-        (dict(max_steps=0), ValueError, "max_steps must be a positive integer"),
-        (dict(method="rk4", dt=-0.1), ValueError, "dt must be a positive"),
-        (dict(method="rk4"), ValueError, "method='rk4' has no error estimate.*dt=.*num_steps=.*adaptive method"),
-        (dict(method="rk4", dt=0.1, num_steps=10), ValueError, "exactly one of dt=... .* and num_steps"),
-        (dict(method="rk4", dt=0.1, first_step=0.1), ValueError, "first_step=0.1 sets the initial step"),
-        (dict(method="dopri5", dt=0.1), ValueError, "dt=0.1, num_steps=None fix the step, but method='dopri5'"),
         (dict(gradient="adjoint"), ValueError, "gradient='adjoint' needs to know which tensors.*params="),
         (dict(params=[torch.ones(1)]), ValueError, "params= lists the tensors that gradient='adjoint'"),
         (dict(gradient="adjoint", params=[1.0]), TypeError, "params\\[0\\] must be a floating-point torch.Tensor"),
@@ -407,7 +359,7 @@ def test_bad_arguments_are_refused_by_name(arguments, error, message):
 
 def test_running_out_of_steps_warns_with_what_was_reached_or_raises_when_strict():
     f, _ = easy_and_hard()
-    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    y0 = torch.tensor(problems.EASY_HARD_Y0)
     with pytest.warns(ConvergenceWarning, match=r"did not reach t1 for 1 of 2 samples \(max_steps=20\): furthest t="):
         ys, result = ilt.odeint(f, y0, [0.0, 1.0, 2.0], max_steps=20)
     assert result.converged.tolist() == [True, False] and result.status == "max_steps"
