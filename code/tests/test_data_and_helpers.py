@@ -79,18 +79,35 @@ def test_quick_mode_reads_the_environment(monkeypatch, value, expected):
 
 
 def test_glue_works_without_myst_nb(monkeypatch, capsys):
-    import builtins
+    import importlib.util
 
     from implicit_layers.notebook import glue
 
-    real_import = builtins.__import__
+    real_find_spec = importlib.util.find_spec
 
     def no_myst_nb(name, *args, **kwargs):
-        if name == "myst_nb":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
+        return None if name == "myst_nb" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_myst_nb)
+    monkeypatch.setattr(importlib.util, "find_spec", no_myst_nb)
     glue("answer", 42)
     glue("hidden", 7, display=False)
     assert capsys.readouterr().out.split() == ["42"]
+
+
+@pytest.mark.parametrize("display", [True, False])
+@pytest.mark.parametrize("value", [42, 3.25e-7, "a string", np.float64(0.5)])
+def test_glue_writes_what_myst_nb_glue_writes(monkeypatch, value, display):
+    """The build reads glued values the way MyST-NB writes them; ours must write the same outputs."""
+    import IPython.display
+    import myst_nb.ext.glue
+
+    from implicit_layers.notebook import glue
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *args, **kwargs: shown.append((args, kwargs)))
+    monkeypatch.setattr(myst_nb.ext.glue, "ipy_display", lambda *args, **kwargs: shown.append((args, kwargs)))
+    glue("name", value, display=display)
+    myst_nb.ext.glue.glue("name", value, display=display)
+    ours, theirs = shown
+    assert ours == theirs
+    assert ("text/plain" in ours[0][0]) is display
