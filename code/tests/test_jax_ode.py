@@ -305,6 +305,24 @@ def test_gradients_compose_with_vmap_and_take_any_pytree(gradient):
             np.testing.assert_allclose(mapped[key][index], alone[key], rtol=1e-12, atol=1e-14)
 
 
+def test_backprop_keeps_non_array_theta_leaves_and_differentiates_closures():
+    """In backprop mode theta may hold a string and an int that f loops over, and a value f closes over gets its
+    derivative: y' = -n k s y, so sum y(1) = 3 exp(-n k s) with n = 2, s = 1.5."""
+    y0 = jnp.array([[1.0], [2.0]])
+    theta = dict(label="decay", repeats=2, scale=jnp.array(1.5))
+
+    def loss(k):
+        def f(t, y, theta):
+            rate = sum(k for _ in range(theta["repeats"]))
+            return -rate * theta["scale"] * y
+
+        ys, _ = ilj.odeint(f, y0, [0.0, 1.0], theta, method="rk4", num_steps=40)
+        return jnp.sum(ys[-1])
+
+    value, gradient = jax.jit(jax.value_and_grad(loss))(0.5)
+    np.testing.assert_allclose([value, gradient], [3 * math.exp(-1.5), -9 * math.exp(-1.5)], rtol=1e-7)
+
+
 def test_finished_samples_never_evaluate_f_past_the_end():
     """f = -k y sqrt(1 - t) is NaN past t = 1; the fast sample finishes first and must not step beyond it, or
     its discarded steps would put NaN into the gradient. y(1) = y0 exp(-2k/3)."""

@@ -20,23 +20,35 @@ def backprop_integrate(f, y0, grid, theta, sign, tableau, **settings):
     Values that ``f`` closes over are differentiable as with plain autodiff: ``jax.closure_convert`` makes them
     explicit arguments of the custom rule. ``grid`` is ``sign * t``, increasing.
     """
-    def checked(t, y, theta):
-        value = f(t, y, theta)
+    # JAX arrays in theta (traced or not) are arguments of the custom rule; other leaves (strings, Python numbers
+    # that f may use in Python control flow) stay what they are, closed over as with plain autodiff.
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    array_positions = [index for index, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+
+    def with_arrays(arrays):
+        merged = list(leaves)
+        for index, array in zip(array_positions, arrays):
+            merged[index] = array
+        return jax.tree_util.tree_unflatten(treedef, merged)
+
+    def checked(t, y, arrays):
+        value = f(t, y, with_arrays(arrays))
         check_field_output(value, y)
         return value
 
-    field, closed_over = jax.closure_convert(checked, jnp.broadcast_to(grid[0], y0.shape[:1]), y0, theta)
+    arrays = [leaves[index] for index in array_positions]
+    field, closed_over = jax.closure_convert(checked, jnp.broadcast_to(grid[0], y0.shape[:1]), y0, arrays)
 
     def solve_with(unroll):
-        def run(y0, grid, theta, sign, closed_over):
-            def user_field(t, y, theta):
-                return field(t, y, theta, *closed_over)
+        def run(y0, grid, arrays, sign, closed_over):
+            def user_field(t, y, arrays):
+                return field(t, y, arrays, *closed_over)
 
-            ys, result = integrate(directed(user_field, sign), y0, grid, theta, tableau, unroll=unroll, **settings)
+            ys, result = integrate(directed(user_field, sign), y0, grid, arrays, tableau, unroll=unroll, **settings)
             return ys, flags_as_numbers(result)
         return run
 
     solve = jax.custom_jvp(solve_with(unroll=False))
     solve.defjvp(lambda primals, tangents: jax.jvp(solve_with(unroll=True), primals, tangents))
-    ys, result = solve(y0, grid, theta, sign, closed_over)
+    ys, result = solve(y0, grid, arrays, sign, closed_over)
     return ys, numbers_as_flags(result)
