@@ -88,6 +88,14 @@ def test_chapter_executes_in_quick_mode(docname, monkeypatch):
         resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()  # raises CellExecutionError, naming the cell, on the first error
+    # The site build (execution off in these tests) cannot see a number the text quotes but no cell glues.
+    glued = {
+        output.get("metadata", {}).get("scrapbook", {}).get("name")
+        for cell in nb.cells
+        for output in cell.get("outputs", [])
+    }
+    quoted = set(re.findall(r"\{glue:(?:text|any|figure|math)?\}`([^`:]+)", path.read_text()))
+    assert quoted <= glued, f"the text quotes values no cell glues: {sorted(quoted - glued)}"
 
 
 def test_preface_example_runs():
