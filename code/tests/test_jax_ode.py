@@ -19,6 +19,9 @@ from implicit_layers.errors import ConvergenceError, ConvergenceWarning
 from implicit_layers.jax.ode._loop import rk_step
 
 jax.config.update("jax_enable_x64", True)
+# A program identical to one compiled earlier in the session (an op-by-op solve, a gradient of a new lambda) is
+# loaded instead of compiled again; the cache is a fresh temporary directory, so every run compiles afresh.
+ilj.cache_compilations()
 
 ADAPTIVE = ("bosh3", "dopri5", "tsit5")
 FIXED = ("euler", "midpoint", "rk4")
