@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ..._tableaus import ButcherTableau
+from .._validation import check_returns_like
 from .result import ODEResult
 
 Field = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -152,23 +153,10 @@ def directed(f: Field, sign) -> Field:
 
     def field(s, y, theta):
         value = f(sign * s, y, theta)
-        check_field_output(value, y)
+        check_returns_like(value, y, call="f(t, y, theta)", name="y")
         return sign * value
 
     return field
-
-
-def check_field_output(value, y0):
-    """Raise unless ``f(t, y, theta)`` is an array of ``y``'s shape and dtype (known when traced, so this costs
-    nothing at run time)."""
-    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-        raise TypeError(f"f(t, y, theta) must return a JAX array, got {type(value).__name__}")
-    for attribute in ("shape", "dtype"):
-        if getattr(value, attribute) != getattr(y0, attribute):
-            raise ValueError(
-                f"f(t, y, theta) must return an array of y's {attribute}: y0 has {attribute} "
-                f"{getattr(y0, attribute)}, f(t, y, theta) has {getattr(value, attribute)}"
-            )
 
 
 def fixed_step_edge(k, t0, t1, dt: Optional[Any], num_steps: Optional[int]):
@@ -236,7 +224,7 @@ def integrate(
 
     t = jnp.broadcast_to(t_start, (batch,))
     f_start = field(t, y0)
-    check_field_output(f_start, y0)
+    check_returns_like(f_start, y0, call="f(t, y, theta)", name="y")
     nfe = jnp.ones(batch, jnp.int32)
     if adaptive:
         if first_step is None:

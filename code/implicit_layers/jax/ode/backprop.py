@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._loop import check_field_output, directed, flags_as_numbers, integrate, numbers_as_flags
+from .._validation import check_returns_like
+from ._loop import directed, flags_as_numbers, integrate, numbers_as_flags
 
 
 def backprop_integrate(f, y0, grid, theta, sign, tableau, **settings):
@@ -33,7 +34,7 @@ def backprop_integrate(f, y0, grid, theta, sign, tableau, **settings):
 
     def checked(t, y, arrays):
         value = f(t, y, with_arrays(arrays))
-        check_field_output(value, y)
+        check_returns_like(value, y, call="f(t, y, theta)", name="y")
         return value
 
     arrays = [leaves[index] for index in array_positions]
