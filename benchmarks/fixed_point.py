@@ -9,24 +9,20 @@ next to its time. Run it in the benchmark environment, which ``make bench`` buil
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Optional
 
 import fixed_point_jax
 import fixed_point_torch
 from fixed_point_torch import METHODS
 from fixed_point_problem import INPUT_SCALE, TASKS, Case, Problem, Settings, accuracy, make_problems
-from harness import cpu_seconds, machine, others_share, our_package, time_in_rounds, versions
+from harness import cpu_seconds, machine, others_share, parse_args, our_package, time_in_rounds, versions
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WARMUPS = 2
 """Calls before the timed repeats; the first is timed on its own (for JAX: compilation and one run)."""
 PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "torchdeq", "jaxopt", "optimistix", "equinox", "lineax")
@@ -47,22 +43,6 @@ class Row:
     median_ms: Optional[float] = None
     ratio: str = ""
     note: str = ""
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: n=32, batch 8, 2 repeats")
-    parser.add_argument("--repeats", type=int, help="timed rounds after the warm-ups (default 15, quick 2)")
-    parser.add_argument("--out", type=Path, help="markdown file for the results (default: under benchmarks/results)")
-    args = parser.parse_args()
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 15
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.out is None:
-        label = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-quick" if args.quick else "")
-        args.out = RESULTS / f"fixed_point-{label}.md"
-    return args
 
 
 def measure_group(cases: list[Case], problem: Problem, settings: Settings, task: str, repeats: int) -> list[Row]:
@@ -212,7 +192,7 @@ def _table_order(case: Case) -> tuple:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__.split("\n\n")[0], "fixed_point", "n=32, batch 8, 2 repeats", default_repeats=15)
     settings = Settings()
     n, batch = (32, 8) if args.quick else (256, 64)
     info = machine()

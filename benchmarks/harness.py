@@ -3,6 +3,7 @@ measured, and which copy of our package ran."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
@@ -107,3 +108,26 @@ def time_in_rounds(calls: dict, warmups: int, repeats: int) -> tuple[dict, dict,
                 failures[key] = error
                 del times[key], firsts[key]
     return firsts, times, failures
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str, name: str, quick_help: str, default_repeats: int) -> argparse.Namespace:
+    """The command line every benchmark script takes: ``--quick`` (a smoke run, described by ``quick_help``),
+    ``--repeats`` (timed rounds, ``default_repeats`` unless quick) and ``--out`` (by default
+    ``results/<name>-<machine>-<cores>cpu[-quick].md``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help}")
+    parser.add_argument("--repeats", type=int,
+                        help=f"timed rounds after the warm-ups (default {default_repeats}, quick 2)")
+    parser.add_argument("--out", type=Path, help="markdown file for the results (default: under benchmarks/results)")
+    args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else default_repeats
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.out is None:
+        label = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-quick" if args.quick else "")
+        args.out = RESULTS / f"{name}-{label}.md"
+    return args

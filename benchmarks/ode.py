@@ -11,15 +11,12 @@ which ``make bench`` builds::
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Optional
 
 import jax
@@ -28,13 +25,12 @@ import torch
 
 import ode_jax
 import ode_torch
-from harness import cpu_seconds, machine, others_share, time_in_rounds, versions
+from harness import cpu_seconds, machine, others_share, parse_args, time_in_rounds, versions
 from implicit_layers import jax as ours_jax
 from implicit_layers import torch as ours_torch
 from ode_problem import Problem, make_problem, reference, relative_error
 from ode_settings import Case, Settings
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WARMUPS = 2
 """Calls before the timed repeats; the first is timed on its own (for JAX: compilation and one run)."""
 PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "torchdiffeq", "torchode", "diffrax", "equinox")
@@ -53,22 +49,6 @@ class Row:
     ratio: str = ""
     note: str = ""
     grads: Optional[dict] = None  # kept for the comparison of our modes with each other
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: batch 16, 2 repeats, two horizons")
-    parser.add_argument("--repeats", type=int, help="timed rounds after the warm-ups (default 10, quick 2)")
-    parser.add_argument("--out", type=Path, help="markdown file for the results (default: under benchmarks/results)")
-    args = parser.parse_args()
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 10
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.out is None:
-        label = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-quick" if args.quick else "")
-        args.out = RESULTS / f"ode-{label}.md"
-    return args
 
 
 def measure_group(cases: list[Case], problem: Problem, settings: Settings, references, repeats: int) -> list[Row]:
@@ -255,7 +235,7 @@ def _table_order(case: Case) -> tuple:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__.split("\n\n")[0], "ode", "batch 16, 2 repeats, two horizons", default_repeats=10)
     settings = Settings()
     batch = 16 if args.quick else 256
     info = machine()
