@@ -255,3 +255,25 @@ def check_odeint_options(
                 "takes fixed steps: set them with dt=... or num_steps=..."
             )
     return options
+
+
+def check_vectors_shape(name: str, shape: tuple, minimum_size: int) -> None:
+    """Raise unless ``shape`` has a last axis of at least ``minimum_size`` entries: the shape of a batch of
+    vectors laid along the last axis, with any leading shape (a softmax's convention)."""
+    if len(shape) == 0:
+        raise ValueError(f"{name} must have at least one dimension (the vectors lie along its last axis), got a scalar")
+    if shape[-1] < minimum_size:
+        raise ValueError(
+            f"{name} must have at least {minimum_size} entr{'y' if minimum_size == 1 else 'ies'} along its last "
+            f"axis, got shape {tuple(shape)}"
+        )
+
+
+def check_subset_size(name: str, value: Any, size: int) -> int:
+    """Return ``value`` as an int; raise unless it is an integer from 1 to ``size - 1``: the number of entries
+    chosen among ``size``, where choosing none or all would leave nothing to choose."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= size - 1:
+        raise ValueError(
+            f"{name} must be an integer from 1 to {size - 1} (one less than the {size} entries), got {value!r}"
+        )
+    return int(value)

@@ -1,7 +1,7 @@
 """JAX implicit layers, mirroring ``implicit_layers.torch`` name for name. One subpackage per family
 (``fixed_points``: batched fixed-point solvers and their implicit derivatives; ``ode``: batched Runge-Kutta
-integration and its three gradients), with every public name also
-importable from here."""
+integration and its three gradients; ``optimization``: layers that solve an optimization problem, differentiated
+through its optimality conditions), with every public name also importable from here."""
 
 from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
 from .fixed_points import (
@@ -17,6 +17,7 @@ from .fixed_points import (
     newton,
 )
 from .ode import ODE_METHODS, ODEResult, odeint
+from .optimization import project_simplex, soft_topk, sparsemax
 from .utils import cache_compilations, compiled_memory_bytes
 
 __all__ = [
@@ -38,4 +39,7 @@ __all__ = [
     "gmres",
     "newton",
     "odeint",
+    "project_simplex",
+    "soft_topk",
+    "sparsemax",
 ]

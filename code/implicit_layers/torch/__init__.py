@@ -1,5 +1,6 @@
 """PyTorch implicit layers. One subpackage per family (``fixed_points``: batched fixed-point solvers and their
-implicit gradients; ``ode``: batched ODE integration), with every public name also importable from here."""
+implicit gradients; ``ode``: batched ODE integration; ``optimization``: layers that solve an optimization
+problem, differentiated through its optimality conditions), with every public name also importable from here."""
 
 from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
 from .fixed_points import (
@@ -16,6 +17,7 @@ from .fixed_points import (
     newton,
 )
 from .ode import ODE_METHODS, ODEResult, odeint
+from .optimization import project_simplex, soft_topk, sparsemax
 from .utils import autograd_graph_bytes, default_device, peak_memory_bytes, seed_everything
 
 __all__ = [
@@ -39,5 +41,8 @@ __all__ = [
     "newton",
     "odeint",
     "peak_memory_bytes",
+    "project_simplex",
     "seed_everything",
+    "soft_topk",
+    "sparsemax",
 ]
