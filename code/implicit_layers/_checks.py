@@ -257,6 +257,61 @@ def check_odeint_options(
     return options
 
 
+QP_STATUSES = ("solved", "max_iter", "primal_infeasible", "dual_infeasible", "failed")
+"""The status words of a QP sample, indexed by ``QPResult.status_code`` in both frameworks."""
+
+
+def check_qp_shapes(shapes: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """Check the shapes of ``qp``'s arguments Q, p, G, h, A, b (``None`` for an absent pair) and return
+    (batch, n, m, e). Each argument may carry a leading batch dimension or be shared by the batch; the batch is 1
+    when none does."""
+    Q, p = shapes["Q"], shapes["p"]
+    if len(Q) not in (2, 3) or Q[-1] != Q[-2]:
+        raise ValueError(f"Q must have shape (n, n) or (B, n, n), got {tuple(Q)}")
+    n = Q[-1]
+    if n == 0:
+        raise ValueError("Q has shape (0, 0): a QP needs at least one variable")
+    batches = {"Q": Q[0]} if len(Q) == 3 else {}
+
+    def check_vector(name: str, shape: tuple, size: int, meaning: str) -> None:
+        if len(shape) not in (1, 2) or shape[-1] != size:
+            raise ValueError(f"{name} must have shape ({meaning},) or (B, {meaning}) with {meaning} = {size}, got {tuple(shape)}")
+        if len(shape) == 2:
+            batches[name] = shape[0]
+
+    check_vector("p", p, n, "n")
+    sizes = {}
+    for matrix, vector, rows in (("G", "h", "m"), ("A", "b", "e")):
+        M, v = shapes[matrix], shapes[vector]
+        if (M is None) != (v is None):
+            given, missing = (matrix, vector) if v is None else (vector, matrix)
+            raise ValueError(f"{given} is given without {missing}: pass both or neither")
+        if M is None:
+            sizes[rows] = 0
+            continue
+        if len(M) not in (2, 3) or M[-1] != n:
+            raise ValueError(f"{matrix} must have shape ({rows}, n) or (B, {rows}, n) with n = {n}, got {tuple(M)}")
+        if len(M) == 3:
+            batches[matrix] = M[0]
+        sizes[rows] = M[-2]
+        check_vector(vector, v, M[-2], rows)
+    distinct = sorted(set(batches.values()))
+    if len(distinct) > 1:
+        listing = ", ".join(f"{name} has {size}" for name, size in batches.items())
+        raise ValueError(f"the arguments disagree on the batch size (the leading dimension): {listing}")
+    return (distinct[0] if distinct else 1), n, sizes["m"], sizes["e"]
+
+
+def check_qp_options(*, tol: Any, max_iter: Any, strict: Any, warn: Any) -> dict:
+    """Check ``qp``'s keywords and return them as plain Python values."""
+    return dict(
+        tol=check_tolerance("tol", tol),
+        max_iter=check_iteration_limit("max_iter", max_iter),
+        strict=check_flag("strict", strict),
+        warn=check_flag("warn", warn),
+    )
+
+
 def check_vectors_shape(name: str, shape: tuple, minimum_size: int) -> None:
     """Raise unless ``shape`` has a last axis of at least ``minimum_size`` entries: the shape of a batch of
     vectors laid along the last axis, with any leading shape (a softmax's convention)."""

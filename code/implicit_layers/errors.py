@@ -103,3 +103,58 @@ def report_ode_convergence(
     if strict:
         raise ConvergenceError(message)
     warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
+
+
+def report_qp_status(status_code, primal_residual, dual_residual, gap, *, max_iter, strict, stacklevel=2) -> None:
+    """Warn (or, when ``strict``, raise) naming the samples of a batched QP that were not solved: infeasible,
+    unbounded, stopped at ``max_iter`` (with the residuals reached) or failed.
+
+    Parameters
+    ----------
+    status_code : array_like
+        Per-sample index into ``_checks.QP_STATUSES``, shape (B,).
+    primal_residual, dual_residual, gap : array_like
+        Per-sample values reached, shape (B,).
+    max_iter : int
+        The iteration limit, quoted in the message.
+    strict : bool
+        Raise :class:`ConvergenceError` instead of warning.
+    stacklevel : int
+        Passed to :func:`warnings.warn` so the warning points at the caller's code.
+    """
+    import warnings
+
+    import numpy as np
+
+    from ._checks import QP_STATUSES
+
+    status_code = np.asarray(status_code)
+    unsolved = status_code != QP_STATUSES.index("solved")
+    if not unsolved.any():
+        return
+
+    def samples(mask) -> str:
+        indices = np.flatnonzero(mask).tolist()
+        shown = ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
+        return f"sample{'s' if len(indices) > 1 else ''} {shown}"
+
+    parts = []
+    for word, meaning in (
+        ("primal_infeasible", "primal infeasible (no x satisfies the constraints)"),
+        ("dual_infeasible", "dual infeasible (the objective is unbounded below on the constraints)"),
+        ("failed", "failed (a step gave NaN/Inf or a singular system; check the inputs' scaling)"),
+    ):
+        mask = status_code == QP_STATUSES.index(word)
+        if mask.any():
+            parts.append(f"{int(mask.sum())} {meaning}: {samples(mask)}")
+    stopped = status_code == QP_STATUSES.index("max_iter")
+    if stopped.any():
+        primal, dual, gap = (float(np.asarray(values)[stopped].max()) for values in (primal_residual, dual_residual, gap))
+        parts.append(
+            f"{int(stopped.sum())} not solved within max_iter={max_iter} iterations ({samples(stopped)}): largest "
+            f"primal residual {primal:.3g}, dual residual {dual:.3g}, gap {gap:.3g}; raise max_iter or loosen tol"
+        )
+    message = f"qp did not solve {int(unsolved.sum())} of {unsolved.size} samples: " + "; ".join(parts)
+    if strict:
+        raise ConvergenceError(message)
+    warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)

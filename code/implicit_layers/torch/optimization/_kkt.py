@@ -1,0 +1,131 @@
+"""The KKT system of a batch of QPs, written once: its residual, and the factorization and solve of its Newton
+matrix, which the interior-point iterations and the backward pass share.
+
+For min 1/2 x'Qx + p'x subject to Gx + s = h, s >= 0 and Ax = b, with multipliers lam >= 0 and nu, the Newton
+matrix in (x, lam, nu) with the complementarity rows divided by lam is
+
+    K = [[Q, G', A'], [G, -W, 0], [A, 0, 0]],    W = diag(s / lam),
+
+symmetric and the same at every iterate up to ``W``. Eliminating ``lam`` leaves H = Q + G' D G with D = lam / s,
+and eliminating ``x`` from the equality rows leaves the Schur complement A H^-1 A'. Both are factored by
+Cholesky after a small regularization (H + delta I and the Schur complement + delta I): a quasi-definite matrix,
+factorable even when Q is only semidefinite or A lacks full row rank.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def bmv(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """Batched matrix-vector product: (B, r, c) x (B, c) -> (B, r)."""
+    return torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1)
+
+
+def bmtv(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """Batched transposed product: (B, r, c)' x (B, r) -> (B, c)."""
+    return torch.bmm(vector.unsqueeze(1), matrix).squeeze(1)
+
+
+def regularization(dtype: torch.dtype) -> tuple[float, float]:
+    """The regularization of the Newton matrix in ``dtype``: ``delta``, added to H and to the Schur complement,
+    and the smallest W (= slack / lam) used in H, which bounds D = 1 / W.
+
+    Rounding in the Cholesky factorization of H is about eps times its largest entries, which grow like
+    1 / smallest_W; with smallest_W = eps^(1/2) that is eps^(1/2), far below delta = eps^(1/3), so the
+    factorization cannot break down however close the iterate is to the boundary (measured: at eps^(1/2) for both,
+    the Cholesky factorization failed on linear programs at tolerances of 1e-9 and below)."""
+    eps = torch.finfo(dtype).eps
+    return eps ** (1 / 3), eps**0.5
+
+
+class KKTFactor(NamedTuple):
+    """A factored Newton matrix: the pieces that each solve needs."""
+
+    G: torch.Tensor  # (B, m, n)
+    A: torch.Tensor  # (B, e, n)
+    D: torch.Tensor  # (B, m): lam / s
+    cholesky_H: torch.Tensor  # (B, n, n): H + delta I = L L'
+    H_inverse_At: torch.Tensor  # (B, n, e)
+    cholesky_S: torch.Tensor  # (B, e, e): A H^-1 A' + delta I = L L'
+    singular: torch.Tensor  # (B,) bool: a Cholesky factorization broke down
+
+
+def factor_kkt(Q: torch.Tensor, G: torch.Tensor, A: torch.Tensor, D: torch.Tensor, delta: float) -> KKTFactor:
+    """Factor the Newton matrix with ``D = lam / s`` (shape (B, m)) and regularization ``delta``."""
+    H = torch.baddbmm(Q, G.mT * D.unsqueeze(1), G)
+    H.diagonal(dim1=-2, dim2=-1).add_(delta)
+    cholesky_H, info_H = torch.linalg.cholesky_ex(H)
+    singular = info_H != 0
+    H_inverse_At = torch.cholesky_solve(A.mT, cholesky_H)
+    S = torch.bmm(A, H_inverse_At)
+    S.diagonal(dim1=-2, dim2=-1).add_(delta)
+    cholesky_S, info_S = torch.linalg.cholesky_ex(S)
+    return KKTFactor(G, A, D, cholesky_H, H_inverse_At, cholesky_S, singular | (info_S != 0))
+
+
+def solve_kkt(
+    factor: KKTFactor, r_x: torch.Tensor, r_lam: torch.Tensor, r_nu: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve the regularized system K [dx; dlam; dnu] = [r_x; r_lam; r_nu] for k right-hand sides at once.
+
+    The right-hand sides have shapes (B, n, k), (B, m, k), (B, e, k); so do the three returned blocks.
+    """
+    G, A, D = factor.G, factor.A, factor.D.unsqueeze(-1)
+    reduced = r_x + torch.bmm(G.mT, D * r_lam)
+    x_free = torch.cholesky_solve(reduced, factor.cholesky_H)
+    dnu = torch.cholesky_solve(torch.bmm(A, x_free) - r_nu, factor.cholesky_S)
+    dx = x_free - torch.bmm(factor.H_inverse_At, dnu)
+    dlam = D * (torch.bmm(G, dx) - r_lam)
+    return dx, dlam, dnu
+
+
+def kkt_matvec(
+    Q: torch.Tensor, G: torch.Tensor, A: torch.Tensor, W: torch.Tensor, vx: torch.Tensor, vlam: torch.Tensor, vnu: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unregularized K applied to (vx, vlam, vnu), shapes (B, n, k), (B, m, k), (B, e, k); W is (B, m)."""
+    return (
+        torch.bmm(Q, vx) + torch.bmm(G.mT, vlam) + torch.bmm(A.mT, vnu),
+        torch.bmm(G, vx) - W.unsqueeze(-1) * vlam,
+        torch.bmm(A, vx),
+    )
+
+
+def solve_kkt_refined(
+    factor: KKTFactor,
+    Q: torch.Tensor,
+    W: torch.Tensor,
+    r_x: torch.Tensor,
+    r_lam: torch.Tensor,
+    r_nu: torch.Tensor,
+    refinements: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve the unregularized system K v = r: the regularized solve, corrected ``refinements`` times by solving
+    for the residual left in K (iterative refinement), which removes the error the regularization made."""
+    solution = solve_kkt(factor, r_x, r_lam, r_nu)
+    for _ in range(refinements):
+        applied = kkt_matvec(Q, factor.G, factor.A, W, *solution)
+        correction = solve_kkt(factor, *(r - a for r, a in zip((r_x, r_lam, r_nu), applied)))
+        solution = tuple(v + c for v, c in zip(solution, correction))
+    return solution
+
+
+class KKTResidual(NamedTuple):
+    """How far (x, lam, nu, s) is from satisfying the KKT conditions, per sample (infinity norms, shape (B,))."""
+
+    primal: torch.Tensor  # max(|Gx + s - h|, |Ax - b|)
+    dual: torch.Tensor  # |Qx + p + G'lam + A'nu|
+    complementarity: torch.Tensor  # max |s * lam|
+
+
+def kkt_residual(Q, p, G, h, A, b, x, lam, nu, s) -> KKTResidual:
+    """The KKT residual of a candidate solution (all arguments batched, as ``qp`` broadcasts them)."""
+
+    def largest(value: torch.Tensor) -> torch.Tensor:
+        return value.abs().amax(dim=1) if value.shape[1] else value.new_zeros(value.shape[0])
+
+    primal = torch.maximum(largest(bmv(G, x) + s - h), largest(bmv(A, x) - b))
+    dual = largest(bmv(Q, x) + p + bmtv(G, lam) + bmtv(A, nu))
+    return KKTResidual(primal, dual, largest(s * lam))
