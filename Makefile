@@ -38,9 +38,10 @@ $(STAMP): requirements.txt code/pyproject.toml
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-# The benchmarks compare our solvers with torchdeq, jaxopt, optimistix, torchdiffeq, torchode and diffrax,
-# which install into an environment of their own, never into the book's. BENCH_ARGS passes options on to both
-# scripts, for example BENCH_ARGS=--quick.
+# The benchmarks compare our solvers with torchdeq, jaxopt, optimistix, torchdiffeq, torchode, diffrax,
+# qpth, proxsuite, cvxpylayers and qpax, which install into an environment of their own, never into the book's.
+# qpth goes in on its own, without its dependencies (see benchmarks/requirements.txt for why). BENCH_ARGS passes
+# options on to all three scripts, for example BENCH_ARGS=--quick.
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
@@ -50,6 +51,7 @@ $(BENCH_STAMP): benchmarks/requirements.txt code/pyproject.toml
 	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BENCH_PY) -m pip install -r benchmarks/requirements.txt
+	$(BENCH_PY) -m pip install --no-deps "qpth==0.0.16"
 	touch $@
 
 # --all re-reads every page (executions come from the cache), so warnings from pages that did
@@ -67,6 +69,7 @@ test: $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/fixed_point.py $(BENCH_ARGS)
 	$(BENCH_PY) benchmarks/ode.py $(BENCH_ARGS)
+	$(BENCH_PY) benchmarks/qp.py $(BENCH_ARGS)
 
 serve:
 	@test -f $(OUTPUT)/_build/html/index.html || { echo "No site in $(OUTPUT)/_build/html: run 'make book' first." >&2; exit 1; }
