@@ -33,7 +33,8 @@ from qp_problem import ARGUMENTS, Case, Problem, make_problem, reference, relati
 WARMUPS = 2
 """Calls before the timed repeats (the JAX programs are compiled before these, and timed apart)."""
 SCALING_REPEATS = 3
-"""Timed rounds per point of the scaling tables (fewer than the main table's: there are many points)."""
+"""Timed rounds per point of the scaling tables, after the first call alone and no other warm-up (fewer calls than
+the main table's: there are many points, and the largest take seconds per call)."""
 PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "qpth", "proxsuite", "cvxpylayers", "cvxpy", "diffcp",
             "clarabel", "scs", "qpax")
 BASELINES = {"torch": ("proxsuite", "qpth"), "jax": ("qpax",)}
@@ -53,7 +54,7 @@ class Row:
     note: str = ""
 
 
-def measure_group(cases: list[Case], problem: Problem, repeats: int, check=None) -> list[Row]:
+def measure_group(cases: list[Case], problem: Problem, repeats: int, warmups: int, check=None) -> list[Row]:
     """Time one framework's cases side by side (see ``harness.time_in_rounds``); with ``check`` (the reference),
     compare each first call's answer with it."""
     rows, runs = {case: Row(case, note=case.unavailable or "") for case in cases}, {}
@@ -64,7 +65,7 @@ def measure_group(cases: list[Case], problem: Problem, repeats: int, check=None)
             runs[case] = case.prepare(problem)
         except Exception as error:  # a peer's failure is a result to report, not a reason to stop the others
             rows[case] = _failed(rows[case], error)
-    firsts, times, failures = time_in_rounds({case: run.call for case, run in runs.items()}, WARMUPS, repeats)
+    firsts, times, failures = time_in_rounds({case: run.call for case, run in runs.items()}, warmups, repeats)
     for case, error in failures.items():
         rows[case] = _failed(rows[case], error)
     for case, (first, _) in firsts.items():
@@ -129,7 +130,7 @@ def scaling_table(cases: list[Case], sizes: list[tuple[int, int]], label: str, r
         rows = []
         for framework in ("torch", "jax"):
             group = [c for c in cases if c.framework == framework]
-            rows += measure_group(group, problem, repeats)
+            rows += measure_group(group, problem, repeats, warmups=1)
         cells = []
         for row in rows:
             if row.median_ms is None:
@@ -186,7 +187,8 @@ def report(args, problem: Problem, check, rows: list[Row], batch_table: str, siz
 {results_table(rows)}
 
 ## Time as the batch grows (n = m = {problem.n})
-Median fwd+bwd in ms over {min(args.repeats, SCALING_REPEATS)} rounds, JAX compile time in brackets. Each of ours
+Median fwd+bwd in ms over {min(args.repeats, SCALING_REPEATS)} rounds after one call alone, JAX compile time in
+brackets. Each of ours
 checks that every sample was solved; qpax, which reports no status, that every solution is finite. The answers
 are not compared with a reference here.
 
@@ -217,7 +219,8 @@ def main() -> None:
     # Frameworks are timed apart: torch's OpenMP threads spin for a while after each call and slow a JAX call that
     # follows (seen in the fixed-point benchmark).
     for framework in ("torch", "jax"):
-        for row in measure_group([c for c in cases if c.framework == framework], problem, args.repeats, check):
+        group = [c for c in cases if c.framework == framework]
+        for row in measure_group(group, problem, args.repeats, WARMUPS, check):
             print(f"{framework} {row.case.library} {row.case.settings}: {row.median_ms or 0:.1f} ms {row.note}",
                   file=sys.stderr, flush=True)
             rows.append(row)
