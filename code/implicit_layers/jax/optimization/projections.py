@@ -141,8 +141,10 @@ def _check_vectors(name: str, value: Any, *, minimum_size: int) -> jax.Array:
     return jnp.asarray(value)
 
 
-# The solutions and the derivative are jitted so that a call outside jit compiles one program per shape rather
-# than one per operation (seconds for a new shape); under an outer jit they are inlined.
+# The solutions and the derivative are jitted so that a call outside jit compiles a program per shape and dtype
+# (whatever the radius or k, which are traced) rather than one per operation, seconds for a new shape; under an
+# outer jit they are inlined. The solution is compiled apart from the derivative so that the programs that JAX's
+# transformations make of the derivative do not each contain the sort again.
 @jax.jit
 def _simplex_solution(x: jax.Array, *, radius: float) -> jax.Array:
     work = x.astype(compute_dtype(x.dtype))
@@ -199,11 +201,11 @@ def _free_entries(y: jax.Array, upper: float) -> jax.Array:
 
 
 @jax.jit
-def _tangent_projection(v: jax.Array, free: jax.Array) -> jax.Array:
-    """``(diag(1_F) - 1_F 1_F^T / |F|) v`` per vector: ``v`` on the free entries less its mean over them, zero
-    elsewhere, the orthogonal projection onto the directions of the face. Linear in ``v``, so JAX transposes it
-    for reverse mode."""
-    mask = free.astype(v.dtype)
+def _tangent_projection(v: jax.Array, y: jax.Array, upper: float) -> jax.Array:
+    """``(diag(1_F) - 1_F 1_F^T / |F|) v`` per vector, with ``F`` the free entries of ``y``: ``v`` on them less its
+    mean over them, zero elsewhere, the orthogonal projection onto the directions of the face. Linear in ``v``, so
+    JAX transposes it for reverse mode."""
+    mask = _free_entries(y, upper).astype(v.dtype)
     count = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1)
     return mask * (v - jnp.sum(mask * v, axis=-1, keepdims=True) / count)
 
@@ -221,4 +223,4 @@ def _projection_jvp(solution, upper, primals, tangents):
     # The solution goes through the rule again, so that a second differentiation sees its derivative (and the
     # free set, a comparison, none) rather than the sort's.
     y = _projection(solution, upper, x)
-    return y, _tangent_projection(x_dot, _free_entries(y, upper))
+    return y, _tangent_projection(x_dot, y, upper)

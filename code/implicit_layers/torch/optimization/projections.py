@@ -213,10 +213,11 @@ def _free_entries(y: torch.Tensor, upper: float) -> torch.Tensor:
     return (y > 0) & (y < upper)
 
 
-def _tangent_projection(v: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
-    """``(diag(1_F) - 1_F 1_F^T / |F|) v`` per vector: ``v`` on the free entries less its mean over them, zero
-    elsewhere, the orthogonal projection onto the directions of the face. Differentiable in ``v``."""
-    mask = free.to(v.dtype)
+def _tangent_projection(v: torch.Tensor, y: torch.Tensor, upper: float) -> torch.Tensor:
+    """``(diag(1_F) - 1_F 1_F^T / |F|) v`` per vector, with ``F`` the free entries of ``y``: ``v`` on them less its
+    mean over them, zero elsewhere, the orthogonal projection onto the directions of the face. Differentiable in
+    ``v``; in ``y`` only through comparisons, whose derivative is zero."""
+    mask = _free_entries(y, upper).to(v.dtype)
     count = mask.sum(-1, keepdim=True).clamp(min=1)
     return mask * (v - (mask * v).sum(-1, keepdim=True) / count)
 
@@ -226,7 +227,7 @@ class _Projection(torch.autograd.Function):
     gradient (backward) or tangent (forward mode), on the entries of the solution strictly inside (0, ``upper``).
     """
 
-    generate_vmap_rule = True
+    generate_vmap_rule = True  # torch.func.jacrev and jacfwd vmap the derivative
 
     @staticmethod
     def forward(x: torch.Tensor, solution: Callable[[torch.Tensor], torch.Tensor], upper: float) -> torch.Tensor:
@@ -234,17 +235,16 @@ class _Projection(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, _, upper = inputs
-        free = _free_entries(output, upper)
-        ctx.save_for_backward(free)
-        ctx.save_for_forward(free)
+        ctx.upper = inputs[2]
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (free,) = ctx.saved_tensors
-        return _tangent_projection(grad_y, free), None, None
+        (y,) = ctx.saved_tensors
+        return _tangent_projection(grad_y, y, ctx.upper), None, None
 
     @staticmethod
     def jvp(ctx, x_dot: torch.Tensor, solution_dot: None, upper_dot: None) -> torch.Tensor:
-        (free,) = ctx.saved_tensors
-        return _tangent_projection(x_dot, free)
+        (y,) = ctx.saved_tensors
+        return _tangent_projection(x_dot, y, ctx.upper)
