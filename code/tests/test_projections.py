@@ -83,11 +83,11 @@ def test_project_simplex_is_the_exact_projection(case, radius):
 def test_sparsemax_is_the_unit_simplex_projection_and_sparse():
     x = SIMPLEX_CASES["random"]
     np.testing.assert_array_equal(both("sparsemax", x), both("project_simplex", x))
+    # In the second row a logit ahead of the others by more than 1 takes all the mass, where softmax would leave
+    # some to every logit; equal logits share it equally.
     logits = np.array([[1.0, 0.8, -1.0, -1.0, -2.0, -3.0], [2.5, 1.0, 0.9, -3.0, -3.0, -3.0], np.zeros(6)])
-    np.testing.assert_allclose(both("sparsemax", logits), [[0.6, 0.4, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], np.full(6, 1 / 6)],
-                               atol=1e-15)
-    # The second row: a logit ahead of the others by more than 1 takes all the mass, where softmax would leave
-    # some to every logit.
+    expected = [[0.6, 0.4, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], np.full(6, 1 / 6)]
+    np.testing.assert_allclose(both("sparsemax", logits), expected, atol=1e-15)
     # A vector of one entry has one point on its simplex.
     np.testing.assert_array_equal(both("project_simplex", np.array([[3.0], [-2.0]]), radius=2.5), [[2.5], [2.5]])
 

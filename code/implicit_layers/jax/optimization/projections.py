@@ -119,8 +119,8 @@ def soft_topk(scores: jax.Array, k: int, *, temperature: float = 1.0) -> jax.Arr
     Notes
     -----
     With ``F = {i : 0 < y_i < 1}`` the free entries, the Jacobian with respect to the scores is
-    ``(diag(1_F) - 1_F 1_F^T / |F|) / temperature``, zero when ``F`` is empty (the hard mask, or a single free
-    entry, which the sum pins). Where some ``s_i - t`` is exactly 0 or 1, that entry is counted as held at its
+    ``(diag(1_F) - 1_F 1_F^T / |F|) / temperature``, zero when ``F`` has fewer than two entries (none: the hard
+    mask; one: the sum pins it). Where some ``s_i - t`` is exactly 0 or 1, that entry is counted as held at its
     bound, which gives one of the one-sided derivatives. As ``temperature`` falls to zero, ``y`` becomes the hard
     top-k mask.
     """

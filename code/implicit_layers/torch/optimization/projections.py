@@ -114,15 +114,15 @@ def soft_topk(scores: torch.Tensor, k: int, *, temperature: float = 1.0) -> torc
     ``scores / temperature`` onto the capped simplex ``{y : 0 <= y <= 1, sum(y) = k}``.
 
     The solution is ``y = clip(s - t, 0, 1)`` with ``s = scores / temperature`` and the threshold ``t`` where
-    ``phi(t) = sum(clip(s - t, 0, 1))`` equals ``k``. ``phi`` is piecewise linear and decreasing, with breakpoints
-    at each ``s_i`` (an entry becomes free) and ``s_i - 1`` (an entry reaches its cap), so one sort of the 2n
-    breakpoints and running sums give ``phi`` at every breakpoint; ``t`` then solves the linear equation of the
+    ``phi(t) = sum(clip(s - t, 0, 1))`` equals ``k``. ``phi`` is piecewise linear and non-increasing, with
+    breakpoints at each ``s_i`` (an entry becomes free) and ``s_i - 1`` (an entry reaches its cap), so one sort of
+    the 2n breakpoints and running sums give ``phi`` at every breakpoint; ``t`` then solves the linear equation of the
     segment on which ``phi`` crosses ``k``. This is exact up to rounding in a fixed number of vectorized
     operations, where a bisection on ``t`` would need a pass over the data per bit of the dtype.
 
     As ``temperature`` falls to zero the gaps between scaled scores grow past one and ``y`` becomes the hard top-k
-    mask: once every gap between the k-th and the (k+1)-th largest score exceeds ``temperature``, ``y`` is that
-    mask. As ``temperature`` grows, ``y`` tends to the uniform ``k / n``.
+    mask: once the gap between a vector's k-th and (k+1)-th largest scores is at least ``temperature``, ``y`` is
+    that vector's mask. As ``temperature`` grows, ``y`` tends to the uniform ``k / n``.
 
     Parameters
     ----------
@@ -141,10 +141,10 @@ def soft_topk(scores: torch.Tensor, k: int, *, temperature: float = 1.0) -> torc
     Notes
     -----
     The gradient is implicit: with ``F = {i : 0 < y_i < 1}`` the free entries, the Jacobian with respect to the
-    scores is ``(diag(1_F) - 1_F 1_F^T / |F|) / temperature``, zero when ``F`` is empty (the hard mask, or a
-    single free entry, which the sum pins). ``y`` fails to be differentiable only where some ``s_i - t`` is
-    exactly 0 or 1; that entry is then counted as held at its bound, which gives one of the one-sided
-    derivatives. Second derivatives are exact (zero), as for :func:`project_simplex`.
+    scores is ``(diag(1_F) - 1_F 1_F^T / |F|) / temperature``, zero when ``F`` has fewer than two entries (none:
+    the hard mask; one: the sum pins it). ``y`` fails to be differentiable only where some ``s_i - t`` is exactly
+    0 or 1; that entry is then counted as held at its bound, which gives one of the one-sided derivatives.
+    Second derivatives are exact (zero), as for :func:`project_simplex`.
 
     Examples
     --------
@@ -193,7 +193,8 @@ def _capped_simplex_solution(s: torch.Tensor, *, k: int) -> torch.Tensor:
     breakpoints = breakpoints.gather(-1, order)
     frees = order < n
     values = torch.cat([work, work], dim=-1).gather(-1, order)
-    capped, freed, free_sum = torch.stack([~frees, frees, torch.where(frees, values, -values)]).to(work.dtype).cumsum(-1)
+    kinds_and_values = torch.stack([~frees, frees, torch.where(frees, values, -values)]).to(work.dtype)
+    capped, freed, free_sum = kinds_and_values.cumsum(-1)
     free_count = freed - capped
     phi = capped + free_sum - free_count * breakpoints
     # phi rises from 0 at the first breakpoint to n at the last, so k is crossed on the segment that ends at the
