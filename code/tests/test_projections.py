@@ -88,6 +88,11 @@ def test_sparsemax_is_the_unit_simplex_projection_and_sparse():
     logits = np.array([[1.0, 0.8, -1.0, -1.0, -2.0, -3.0], [2.5, 1.0, 0.9, -3.0, -3.0, -3.0], np.zeros(6)])
     expected = [[0.6, 0.4, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], np.full(6, 1 / 6)]
     np.testing.assert_allclose(both("sparsemax", logits), expected, atol=1e-15)
+    # A logit that dwarfs the radius still gets all the mass (the entries are measured from the largest), and
+    # scores with a large common offset keep their soft top-k.
+    np.testing.assert_array_equal(both("sparsemax", np.array([1e17, 3.0, 2.0, 0.0, 0.0, 0.0])), [1, 0, 0, 0, 0, 0])
+    offset = SIMPLEX_CASES["random"]
+    np.testing.assert_allclose(both("soft_topk", offset + 1e6, 2), both("soft_topk", offset, 2), atol=1e-9)
     # A vector of one entry has one point on its simplex.
     np.testing.assert_array_equal(both("project_simplex", np.array([[3.0], [-2.0]]), radius=2.5), [[2.5], [2.5]])
 

@@ -148,12 +148,15 @@ def _check_vectors(name: str, value: Any, *, minimum_size: int) -> jax.Array:
 @jax.jit
 def _simplex_solution(x: jax.Array, *, radius: float) -> jax.Array:
     work = x.astype(compute_dtype(x.dtype))
+    # The projection is unchanged by a shift of all entries; measuring them from the largest keeps the threshold's
+    # rounding on the scale of the radius, so that a logit that dwarfs the radius still gets its mass.
+    work = work - jnp.max(work, axis=-1, keepdims=True)
     descending = -jnp.sort(-work, axis=-1)
     excess = jnp.cumsum(descending, axis=-1) - radius  # rho * tau for a support of the rho largest entries
     ranks = jnp.arange(1, x.shape[-1] + 1, dtype=work.dtype)
-    # The condition holds on a prefix and always for rho = 1 (it reads radius > 0), except in rounding when the
-    # largest entry dwarfs the radius; the floor keeps the support non-empty there.
-    support_size = jnp.maximum(jnp.sum(ranks * descending > excess, axis=-1, keepdims=True), 1)
+    # The condition holds on a prefix, and for rho = 1 (where it reads radius > 0), so the support has one entry
+    # at least.
+    support_size = jnp.sum(ranks * descending > excess, axis=-1, keepdims=True)
     threshold = jnp.take_along_axis(excess, support_size - 1, axis=-1) / support_size
     return jnp.maximum(work - threshold, 0).astype(x.dtype)
 
@@ -161,6 +164,7 @@ def _simplex_solution(x: jax.Array, *, radius: float) -> jax.Array:
 @jax.jit
 def _capped_simplex_solution(s: jax.Array, *, k: int) -> jax.Array:
     work = s.astype(compute_dtype(s.dtype))
+    work = work - jnp.max(work, axis=-1, keepdims=True)  # unchanged projection, running sums on the spread's scale
     n = s.shape[-1]
     # Walking t down from +inf, entry i becomes free at t = s_i and reaches its cap at t = s_i - 1. Below the
     # j-th breakpoint the capped and free entries are those whose breakpoints came first, so running sums give
@@ -191,6 +195,7 @@ def _capped_simplex_solution(s: jax.Array, *, k: int) -> jax.Array:
     capped, free_sum, free_count, upper_end = (
         jnp.take_along_axis(quantity, segment, axis=-1) for quantity in (capped, free_sum, free_count, breakpoints)
     )
+    # (The floor only keeps the discarded branch of a flat stretch from dividing by zero.)
     threshold = jnp.where(free_count > 0, (capped + free_sum - k) / jnp.maximum(free_count, 1), upper_end)
     return jnp.clip(work - threshold, 0, 1).astype(s.dtype)
 

@@ -171,18 +171,22 @@ def _check_vectors(name: str, value: Any, *, minimum_size: int) -> None:
 
 def _simplex_solution(x: torch.Tensor, *, radius: float) -> torch.Tensor:
     work = x.to(compute_dtype(x.dtype))
+    # The projection is unchanged by a shift of all entries; measuring them from the largest keeps the threshold's
+    # rounding on the scale of the radius, so that a logit that dwarfs the radius still gets its mass.
+    work = work - work.amax(-1, keepdim=True)
     descending = torch.sort(work, dim=-1, descending=True).values
     excess = descending.cumsum(-1) - radius  # rho * tau for a support of the rho largest entries
     ranks = torch.arange(1, x.shape[-1] + 1, dtype=work.dtype, device=work.device)
-    # The condition holds on a prefix and always for rho = 1 (it reads radius > 0), except in rounding when the
-    # largest entry dwarfs the radius; the clamp keeps the support non-empty there.
-    support_size = (ranks * descending > excess).sum(-1, keepdim=True).clamp(min=1)
+    # The condition holds on a prefix, and for rho = 1 (where it reads radius > 0), so the support has one entry
+    # at least.
+    support_size = (ranks * descending > excess).sum(-1, keepdim=True)
     threshold = excess.gather(-1, support_size - 1) / support_size
     return (work - threshold).clamp(min=0).to(x.dtype)
 
 
 def _capped_simplex_solution(s: torch.Tensor, *, k: int) -> torch.Tensor:
     work = s.to(compute_dtype(s.dtype))
+    work = work - work.amax(-1, keepdim=True)  # unchanged projection, running sums on the scale of the spread
     n = s.shape[-1]
     # Walking t down from +inf, entry i becomes free at t = s_i and reaches its cap at t = s_i - 1. Below the
     # j-th breakpoint the capped and free entries are those whose breakpoints came first, so running sums give
@@ -205,6 +209,7 @@ def _capped_simplex_solution(s: torch.Tensor, *, k: int) -> torch.Tensor:
     capped, free_sum, free_count, upper_end = (
         quantity.gather(-1, segment) for quantity in (capped, free_sum, free_count, breakpoints)
     )
+    # (The clamp only keeps the discarded branch of a flat stretch from dividing by zero.)
     threshold = torch.where(free_count > 0, (capped + free_sum - k) / free_count.clamp(min=1), upper_end)
     return (work - threshold).clamp(min=0, max=1).to(s.dtype)
 
