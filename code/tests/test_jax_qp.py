@@ -98,7 +98,7 @@ def test_gradients_match_the_exact_kkt_derivative(kind):
 
 
 def test_check_grads_of_every_argument():
-    problem = as_jax(random_qp(5, 4, 5, 2, batch=2))
+    problem = as_jax(random_qp(5, *SHAPES["mixed"], batch=4))
 
     def solution(Q, p, G, h, A, b):
         return qp(0.5 * (Q + jnp.swapaxes(Q, -1, -2)), p, G, h, A, b, tol=1e-12)[0]
@@ -215,7 +215,7 @@ def test_second_derivatives_are_refused():
     """grad of grad and the Hessian raise when traced; forward mode is JAX's own refusal of a custom_vjp. The
     gradient differentiated with respect to what only the incoming cotangent depends on stays allowed, and exact:
     d/dw of the gradient of w x*(p) with respect to p is dx*/dp."""
-    inputs = as_jax(random_qp(10, 4, 5, 2, batch=2))
+    inputs = as_jax(random_qp(10, *SHAPES["mixed"], batch=4))
     p = inputs.pop("p")
 
     def total(p):
@@ -236,16 +236,6 @@ def loss_and_solution(problem: dict):
     return jnp.sum(x**2), (x, result)
 
 
-def test_jit_gives_the_same_solution_record_and_gradient():
-    problem = as_jax(random_qp(11, *SHAPES["mixed"], batch=4))
-    gradients, (x, result) = jax.grad(loss_and_solution, has_aux=True)(problem)
-    gradients_jit, (x_jit, result_jit) = jax.jit(jax.grad(loss_and_solution, has_aux=True))(problem)
-    np.testing.assert_allclose(x_jit, x, rtol=0, atol=1e-12)
-    assert result_jit.status == result.status and result_jit.iterations.tolist() == result.iterations.tolist()
-    for name in NAMES:
-        np.testing.assert_allclose(gradients_jit[name], gradients[name], rtol=1e-10, atol=1e-12, err_msg=name)
-
-
 def test_under_jit_the_warning_and_the_strict_error_come_from_the_device():
     problem = as_jax(infeasible_and_unbounded())
     with pytest.warns(ConvergenceWarning, match=r"2 primal infeasible .*samples 1, 2; 1 dual infeasible .*sample 3"):
@@ -262,9 +252,10 @@ def test_under_jit_the_warning_and_the_strict_error_come_from_the_device():
         jax.effects_barrier()
 
 
-def test_vmap_over_single_problems_equals_the_batch():
-    """A vmap over unbatched problems gives each its batch of one: x of shape (V, 1, n), and the same solutions,
-    iterations and gradients as the batch solved at once (one compiled program for all of it)."""
+def test_jit_of_vmap_over_single_problems_equals_the_batch():
+    """jit, vmap and grad composed: a vmap over unbatched problems gives each its batch of one, x of shape
+    (V, 1, n), with the solutions, iterations and gradients of the batch solved at once, operation by operation
+    (one compiled program for all of it)."""
     problem = as_jax(random_qp(12, *SHAPES["mixed"], batch=4))
     gradients, (x, result) = jax.grad(loss_and_solution, has_aux=True)(problem)
     per_sample = jax.jit(jax.vmap(jax.grad(loss_and_solution, has_aux=True)))
@@ -272,6 +263,7 @@ def test_vmap_over_single_problems_equals_the_batch():
     assert x_vmap.shape == (4, 1, 8)
     np.testing.assert_allclose(x_vmap[:, 0], x, rtol=0, atol=1e-12)
     assert result_vmap.iterations[:, 0].tolist() == result.iterations.tolist()
+    assert result_vmap.status_code[:, 0].tolist() == result.status_code.tolist()
     for name in NAMES:
         np.testing.assert_allclose(gradients_vmap[name], gradients[name], rtol=1e-10, atol=1e-12, err_msg=name)
 

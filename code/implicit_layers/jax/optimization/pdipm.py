@@ -18,6 +18,7 @@ two right-hand sides together (the direction's part along tau and the affine pre
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -42,7 +43,7 @@ class PDIPMOutput(NamedTuple):
     iterate: Iterate  # the final iterate, not yet divided by tau
     status: jax.Array  # (B,) int, one of the codes above
     iterations: jax.Array  # (B,) int
-    num_factorizations: jax.Array  # () int
+    num_factorizations: jax.Array  # () int: one per step, plus the start
 
 
 class Residuals(NamedTuple):
@@ -152,36 +153,27 @@ def _residuals(Q, p, G, h, A, b, iterate: Iterate, tol: float, p_size, h_size, b
 
 class _LoopState(NamedTuple):
     iterate: Iterate
-    residuals: Residuals  # at ``iterate``, which the next step starts from
     status: jax.Array
     running: jax.Array
     iterations: jax.Array
-    count: jax.Array  # loop steps taken for the batch
-    num_factorizations: jax.Array
+    steps: jax.Array  # () int: loop steps taken for the batch, each one factorization
+    stopped: jax.Array  # () bool: no sample was left running, or max_iter steps were taken
 
 
 def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     """Run the interior-point method on a batch of broadcast QPs (Q (B, n, n), p (B, n), G (B, m, n), h (B, m),
     A (B, e, n), b (B, e)). Samples stop one by one: a finished sample's iterate is frozen, and the loop ends when
-    every sample has stopped, decided on the device (no host synchronization)."""
+    every sample has stopped, decided on the device (no host synchronization).
+
+    Each pass of the loop checks the iterate and then, under a ``lax.cond``, steps, as each pass of torch's loop
+    does: the check is written once in the program, which keeps its compilation short."""
     batch, m = p.shape[0], h.shape[1]
     delta, smallest_W = regularization(p.dtype)
     integer = jax.dtypes.canonicalize_dtype(int)
     p_size, h_size, b_size = largest(p), largest(h), largest(b)
 
-    def check(iterate: Iterate, status: jax.Array, running: jax.Array):
-        residuals, solved, primal_infeasible, dual_infeasible = _residuals(
-            Q, p, G, h, A, b, iterate, tol, p_size, h_size, b_size
-        )
-        for code, flag in ((DUAL_INFEASIBLE, dual_infeasible), (PRIMAL_INFEASIBLE, primal_infeasible), (SOLVED, solved)):
-            status = jnp.where(running & flag, code, status)
-        return residuals, status, running & ~(solved | primal_infeasible | dual_infeasible)
-
-    def keep_going(state: _LoopState) -> jax.Array:
-        return state.running.any() & (state.count < max_iter)
-
-    def step(state: _LoopState) -> _LoopState:
-        iterate, residuals, status, running = state.iterate, state.residuals, state.status, state.running
+    def step(state: _LoopState, residuals: Residuals) -> _LoopState:
+        iterate, status, running = state.iterate, state.status, state.running
         x, s, lam, nu, tau, kappa = iterate
         factor = factor_kkt(Q, G, A, lam / (s + smallest_W * lam), delta)
         ones = jnp.ones_like(tau)
@@ -208,18 +200,25 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         status = jnp.where(running & ~finite, FAILED, status)
         running = running & finite
         iterate = Iterate(*(jnp.where(per_sample(running, new), new, old) for new, old in zip(stepped, iterate)))
-        iterations = state.iterations + running
-        residuals, status, running = check(iterate, status, running)
-        return _LoopState(iterate, residuals, status, running, iterations, state.count + 1,
-                          state.num_factorizations + 1)
+        return _LoopState(iterate, status, running, state.iterations + running, state.steps + 1, state.stopped)
 
-    iterate = initial_iterate(Q, p, G, h, A, b, delta)
-    residuals, status, running = check(
-        iterate, jnp.full((batch,), MAX_ITER, dtype=integer), jnp.ones((batch,), dtype=bool)
-    )
-    zero = jnp.zeros((), dtype=integer)
+    def check_then_step(state: _LoopState) -> _LoopState:
+        residuals, solved, primal_infeasible, dual_infeasible = _residuals(
+            Q, p, G, h, A, b, state.iterate, tol, p_size, h_size, b_size
+        )
+        status, running = state.status, state.running
+        for code, flag in ((DUAL_INFEASIBLE, dual_infeasible), (PRIMAL_INFEASIBLE, primal_infeasible), (SOLVED, solved)):
+            status = jnp.where(running & flag, code, status)
+        state = state._replace(status=status, running=running & ~(solved | primal_infeasible | dual_infeasible))
+        return jax.lax.cond(
+            state.running.any() & (state.steps < max_iter),
+            step, lambda state, _: state._replace(stopped=jnp.ones((), bool)), state, residuals,
+        )
+
+    batch_of = partial(jnp.full, (batch,))
     state = jax.lax.while_loop(
-        keep_going, step,
-        _LoopState(iterate, residuals, status, running, jnp.zeros((batch,), dtype=integer), zero, zero + 1),
+        lambda state: ~state.stopped, check_then_step,
+        _LoopState(initial_iterate(Q, p, G, h, A, b, delta), batch_of(MAX_ITER, dtype=integer),
+                   batch_of(True), batch_of(0, dtype=integer), jnp.zeros((), integer), jnp.zeros((), bool)),
     )
-    return PDIPMOutput(state.iterate, state.status, state.iterations, state.num_factorizations)
+    return PDIPMOutput(state.iterate, state.status, state.iterations, state.steps + 1)
