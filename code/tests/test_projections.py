@@ -2,6 +2,8 @@
 solutions against CVXPY, their closed-form Jacobians against autodiff and finite differences, gradient checks of
 first and second order, the twins agreeing, JAX transformations, dtypes and every refused argument."""
 
+import doctest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -298,3 +300,10 @@ def test_bad_arguments_are_refused_naming_them(framework, call, error, message):
     to_array = torch.tensor if framework == "torch" else jnp.asarray
     with pytest.raises(error, match=message):
         call(FRAMEWORKS[framework], to_array)
+
+
+def test_the_torch_docstring_examples_hold():
+    import implicit_layers.torch.optimization.projections as projections
+
+    results = doctest.testmod(projections, extraglobs={"torch": torch})
+    assert results.attempted >= 5 and results.failed == 0

@@ -68,9 +68,9 @@ def project_simplex(x: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     Examples
     --------
     >>> project_simplex(torch.tensor([0.5, 1.5, -1.0]))
-    tensor([0.0000, 1.0000, 0.0000])
+    tensor([0., 1., 0.])
     >>> project_simplex(torch.tensor([0.2, 0.3, 0.1]), radius=2.0)
-    tensor([0.6333, 0.7333, 0.6333])
+    tensor([0.6667, 0.7667, 0.5667])
     """
     _check_vectors("x", x, minimum_size=1)
     radius = check_tolerance("radius", radius)
