@@ -198,7 +198,8 @@ def test_torch_and_jax_mirror_each_other():
     import implicit_layers.jax as ilj
 
     shared = {"SOLVERS", "ConvergenceError", "ConvergenceWarning", "SolverResult", "anderson", "batched_jacobian",
-              "broyden", "fixed_point", "forward_iteration", "newton", "project_simplex", "soft_topk", "sparsemax"}
+              "broyden", "fixed_point", "forward_iteration", "newton", "project_simplex", "soft_topk", "sparsemax",
+              "qp", "QPResult", "QP_STATUSES"}
     assert shared <= set(ilt.__all__) and shared <= set(ilj.__all__)
     assert set(ilt.SOLVERS) == set(ilj.SOLVERS)
     torch_only = set(ilt.__all__) - set(ilj.__all__)
@@ -219,6 +220,7 @@ def test_torch_and_jax_mirror_file_for_file():
     assert modules("torch") == modules("jax")
     assert "fixed_points/fixed_point.py" in modules("torch")
     assert "optimization/projections.py" in modules("torch")
+    assert "optimization/qp.py" in modules("torch")
 
 
 def test_derivative_defaults_and_failed_samples():

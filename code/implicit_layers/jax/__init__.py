@@ -17,16 +17,18 @@ from .fixed_points import (
     newton,
 )
 from .ode import ODE_METHODS, ODEResult, odeint
-from .optimization import project_simplex, soft_topk, sparsemax
+from .optimization import QP_STATUSES, QPResult, project_simplex, qp, soft_topk, sparsemax
 from .utils import cache_compilations, compiled_memory_bytes
 
 __all__ = [
     "BACKWARD_SOLVERS",
     "ODE_METHODS",
+    "QP_STATUSES",
     "SOLVERS",
     "ConvergenceError",
     "ConvergenceWarning",
     "ODEResult",
+    "QPResult",
     "SolverResult",
     "UnsupportedDerivativeError",
     "anderson",
@@ -40,6 +42,7 @@ __all__ = [
     "newton",
     "odeint",
     "project_simplex",
+    "qp",
     "soft_topk",
     "sparsemax",
 ]

@@ -17,17 +17,19 @@ from .fixed_points import (
     newton,
 )
 from .ode import ODE_METHODS, ODEResult, odeint
-from .optimization import project_simplex, soft_topk, sparsemax
+from .optimization import QP_STATUSES, QPResult, project_simplex, qp, soft_topk, sparsemax
 from .utils import autograd_graph_bytes, default_device, peak_memory_bytes, seed_everything
 
 __all__ = [
     "BACKWARD_SOLVERS",
     "ODE_METHODS",
+    "QP_STATUSES",
     "SOLVERS",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointLayer",
     "ODEResult",
+    "QPResult",
     "SolverResult",
     "UnsupportedDerivativeError",
     "anderson",
@@ -42,6 +44,7 @@ __all__ = [
     "odeint",
     "peak_memory_bytes",
     "project_simplex",
+    "qp",
     "seed_everything",
     "soft_topk",
     "sparsemax",

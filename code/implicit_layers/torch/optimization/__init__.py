@@ -1,7 +1,12 @@
 """Optimization layers in PyTorch: layers whose output is the solution of an optimization problem, differentiated
-implicitly through its optimality conditions. Here so far: the exact Euclidean projections onto the simplex and
-the capped simplex (``project_simplex``, ``sparsemax``, ``soft_topk``); the batched QP solver joins them."""
+implicitly through its optimality conditions. ``qp`` solves a batch of convex
+quadratic programs by an interior-point method and differentiates them through their KKT conditions;
+``project_simplex``, ``sparsemax`` and ``soft_topk`` are the exact Euclidean projections onto the simplex and the
+capped simplex."""
 
+from ..._checks import QP_STATUSES
 from .projections import project_simplex, soft_topk, sparsemax
+from .qp import qp
+from .result import QPResult
 
-__all__ = ["project_simplex", "soft_topk", "sparsemax"]
+__all__ = ["QPResult", "QP_STATUSES", "project_simplex", "qp", "soft_topk", "sparsemax"]

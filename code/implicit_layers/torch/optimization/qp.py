@@ -68,10 +68,12 @@ def qp(
 
     Gradients reach every argument through the implicit function theorem applied to the KKT conditions at the
     solution (Amos and Kolter, 2017): one factorization of the Newton matrix there, one solve per backward pass.
-    Where a constraint is weakly active (its multiplier and its slack both zero) the solution is not
-    differentiable; the gradient returned there is that of the interior-point solution at the tolerance reached,
-    which treats the constraint as partly active (the ratio of multiplier to slack decides how much). Second
-    derivatives raise :class:`UnsupportedDerivativeError`. Samples found infeasible get NaN gradients.
+    The backward pass reads the active set off the solution (a constraint whose multiplier exceeds its slack
+    holds with equality) and is exact for it. Where a constraint is weakly active (its multiplier and its slack
+    both zero) the solution is not differentiable; the gradient returned there is that of the active set the
+    solution shows, one of the one-sided derivatives. A constraint whose multiplier is below about the square
+    root of the tolerance reached cannot be told apart from a weakly active one. Second derivatives raise
+    :class:`UnsupportedDerivativeError`. Samples found infeasible get NaN gradients.
     """
     tensors = dict(Q=Q, p=p, G=G, h=h, A=A, b=b)
     batch, n, m, e = check_qp_shapes({name: None if v is None else _shape(name, v) for name, v in tensors.items()})
