@@ -88,9 +88,12 @@ def qp(
     Gradients reach every argument through the implicit function theorem applied to the KKT conditions at the
     solution (Amos and Kolter, 2017), a ``custom_vjp`` rule: one factorization of the Newton matrix there, one
     solve per backward pass. A shared argument is broadcast to the batch before the rule, so its gradient is the
-    sum over the samples. Where a constraint is weakly active (its multiplier and its slack both zero) the
-    solution is not differentiable; the gradient returned there is that of the active set the solution shows
-    (multiplier larger than slack), one of the one-sided derivatives. Samples found infeasible get NaN gradients.
+    sum over the samples. The backward pass reads the active set off the solution (a constraint whose multiplier
+    exceeds its slack holds with equality) and is exact for it. Where a constraint is weakly active (its
+    multiplier and its slack both zero) the solution is not differentiable; the gradient returned there is that
+    of the active set the solution shows, one of the one-sided derivatives. A constraint whose multiplier is below
+    about the square root of the tolerance reached cannot be told apart from a weakly active one. Samples found
+    infeasible get NaN gradients.
 
     The rule is first order, as in torch: differentiating the gradient again (``grad`` of ``grad``,
     ``jax.hessian``) with respect to anything that reaches Q, p, G, h, A or b raises
