@@ -233,8 +233,6 @@ class _Projection(torch.autograd.Function):
     gradient (backward) or tangent (forward mode), on the entries of the solution strictly inside (0, ``upper``).
     """
 
-    generate_vmap_rule = True  # torch.func.jacrev and jacfwd vmap the derivative
-
     @staticmethod
     def forward(x: torch.Tensor, solution: Callable[[torch.Tensor], torch.Tensor], upper: float) -> torch.Tensor:
         return solution(x)
