@@ -15,8 +15,8 @@ from qp_problems import SHAPES, cvxpy_solve, kkt_gradients, random_qp
 
 import implicit_layers.jax as ilj
 from implicit_layers.errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
+from implicit_layers.jax import qp
 from implicit_layers.jax.optimization._kkt import kkt_residual
-from implicit_layers.jax.optimization.qp import qp
 
 jax.config.update("jax_enable_x64", True)
 # A program identical to one compiled earlier in the session (the gradient of a new lambda) is loaded instead of
@@ -95,6 +95,37 @@ def test_gradients_match_the_exact_kkt_derivative(kind):
         scale = max(np.abs(reference[name]).max(initial=0) for name in inputs)
         for name in inputs:
             np.testing.assert_allclose(gradients[name][i], reference[name], atol=1e-7 * scale, err_msg=name)
+
+
+def test_gradients_match_the_implicit_function_theorem_on_the_kkt_map():
+    """An oracle independent of the outer-product formulas: JAX differentiates the KKT map F(z, theta) =
+    [Qx + p + G'lam + A'nu; lam * (Gx - h); Ax - b] at the solution z = (x, lam, nu), and the implicit function
+    theorem gives dL/dtheta = -(dF/dtheta)' u with (dF/dz)' u = dL/dz (jaxopt's root_vjp). The map keeps the
+    slack and multiplier left at the tolerance (qp's backward zeroes them by the active set), an error that grows
+    as a multiplier nears zero: 3e-7 relative on these samples, hence 1e-6."""
+    problem = random_qp(13, *SHAPES["mixed"], batch=4)
+    g = jax.random.normal(jax.random.key(1), (4, 8), dtype=jnp.float64)
+    gradients, (x, result) = jax.grad(
+        lambda inputs: (jnp.sum(g * qp(**inputs)[0]), qp(**inputs)), has_aux=True)(as_jax(problem))
+
+    @jax.jit
+    def implicit_gradient(z, theta, g):
+        def kkt_map(z, theta):
+            x, lam, nu = jnp.split(z, [8, 18])
+            Q, p, G, h, A, b = theta
+            Q = 0.5 * (Q + Q.T)  # qp reads the symmetric part of Q, so its gradient is symmetric
+            return jnp.concatenate([Q @ x + p + G.T @ lam + A.T @ nu, lam * (G @ x - h), A @ x - b])
+
+        dF_dz = jax.jacobian(kkt_map)(z, theta)
+        u = jnp.linalg.solve(dF_dz.T, jnp.concatenate([g, jnp.zeros(13)]))
+        return jax.vjp(lambda theta: kkt_map(z, theta), theta)[1](-u)[0]
+
+    for i in range(4):
+        z = jnp.concatenate([x[i], result.lam[i], result.nu[i]])
+        expected = implicit_gradient(z, tuple(jnp.asarray(problem[name][i]) for name in NAMES), g[i])
+        scale = max(float(jnp.abs(v).max()) for v in expected)
+        for name, value in zip(NAMES, expected):
+            np.testing.assert_allclose(gradients[name][i], value, atol=1e-6 * scale, err_msg=name)
 
 
 def test_check_grads_of_every_argument():

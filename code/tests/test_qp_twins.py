@@ -11,8 +11,8 @@ import pytest
 import torch
 from qp_problems import SHAPES, random_qp
 
-import implicit_layers.jax.optimization.qp as jax_qp
-import implicit_layers.torch.optimization.qp as torch_qp
+import implicit_layers.jax as ilj
+import implicit_layers.torch as ilt
 
 jax.config.update("jax_enable_x64", True)
 
@@ -43,11 +43,11 @@ def solve_both(problem: dict) -> tuple:
     inputs = {name: torch.tensor(value, requires_grad=True) for name, value in problem.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the infeasible samples warn, in both frameworks
-        x_t, result_t = torch_qp.qp(**inputs)
+        x_t, result_t = ilt.qp(**inputs)
         gradients_t = torch.autograd.grad((torch.tensor(g) * x_t).nan_to_num().sum(), list(inputs.values()))
 
         def loss(inputs):
-            x, result = jax_qp.qp(**inputs)
+            x, result = ilj.qp(**inputs)
             return jnp.sum(jnp.nan_to_num(g * x)), (x, result)
 
         gradients_j, (x_j, result_j) = jax.grad(loss, has_aux=True)(
@@ -116,12 +116,12 @@ def refusal(run) -> tuple[type, str]:
 
 @pytest.mark.parametrize("case", sorted(bad_arguments(torch_array)))
 def test_both_refuse_the_same_input_with_the_same_message(case):
-    torch_refusal = refusal(lambda: torch_qp.qp(**bad_arguments(torch_array)[case]))
-    jax_refusal = refusal(lambda: jax_qp.qp(**bad_arguments(jax_array)[case]))
+    torch_refusal = refusal(lambda: ilt.qp(**bad_arguments(torch_array)[case]))
+    jax_refusal = refusal(lambda: ilj.qp(**bad_arguments(jax_array)[case]))
     assert torch_refusal == jax_refusal
 
 
 def test_both_refuse_an_argument_that_is_not_an_array_by_name():
-    for qp, good in ((torch_qp.qp, torch_array), (jax_qp.qp, jax_array)):
+    for qp, good in ((ilt.qp, torch_array), (ilj.qp, jax_array)):
         with pytest.raises(TypeError, match="p must be a .* got list"):
             qp(good([[1.0]]), [0.0])
