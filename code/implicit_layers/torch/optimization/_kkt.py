@@ -112,6 +112,11 @@ def solve_kkt_refined(
     return solution
 
 
+def largest(value: torch.Tensor) -> torch.Tensor:
+    """Per-sample infinity norm of a (B, k) tensor, zero when k = 0."""
+    return value.abs().amax(dim=1) if value.shape[1] else value.new_zeros(value.shape[0])
+
+
 class KKTResidual(NamedTuple):
     """How far (x, lam, nu, s) is from satisfying the KKT conditions, per sample (infinity norms, shape (B,))."""
 
@@ -122,9 +127,6 @@ class KKTResidual(NamedTuple):
 
 def kkt_residual(Q, p, G, h, A, b, x, lam, nu, s) -> KKTResidual:
     """The KKT residual of a candidate solution (all arguments batched, as ``qp`` broadcasts them)."""
-
-    def largest(value: torch.Tensor) -> torch.Tensor:
-        return value.abs().amax(dim=1) if value.shape[1] else value.new_zeros(value.shape[0])
 
     primal = torch.maximum(largest(bmv(G, x) + s - h), largest(bmv(A, x) - b))
     dual = largest(bmv(Q, x) + p + bmtv(G, lam) + bmtv(A, nu))

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._kkt import bmtv, bmv, factor_kkt, regularization, solve_kkt
+from ._kkt import bmtv, bmv, factor_kkt, largest, regularization, solve_kkt
 
 SOLVED, MAX_ITER, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, FAILED = range(5)
 STEP_TO_BOUNDARY = 0.99  # the fraction of the longest step that keeps s, lam, tau, kappa positive
@@ -55,11 +55,6 @@ class Residuals(NamedTuple):
 
 def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u * v).sum(dim=-1)
-
-
-def largest(value: torch.Tensor) -> torch.Tensor:
-    """Per-sample infinity norm of a (B, k) tensor, zero when k = 0."""
-    return value.abs().amax(dim=1) if value.shape[1] else value.new_zeros(value.shape[0])
 
 
 def _shift_into_cone(v: torch.Tensor) -> torch.Tensor:

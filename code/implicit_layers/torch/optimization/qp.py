@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..._checks import QP_STATUSES, check_qp_options, check_qp_shapes
+from ..._checks import check_qp_options, check_qp_shapes
 from ...errors import UnsupportedDerivativeError, report_qp_status
 from ._kkt import factor_kkt, kkt_residual, regularization, solve_kkt_refined
 from .pdipm import DUAL_INFEASIBLE, PRIMAL_INFEASIBLE, largest, pdipm
