@@ -210,3 +210,19 @@ def test_bad_arguments_are_refused_by_name(case):
     arguments, error, message = BAD_ARGUMENTS[case]
     with pytest.raises(error, match=message):
         qp(**arguments)
+
+
+def test_a_short_constraint_row_far_from_the_origin_does_not_stall_the_solver():
+    """Row 0 has norm 0.06 and right-hand side 1, and y lies well inside every constraint, so the projection of y
+    is y itself. Unscaled, the iterations stalled here (max_iter, gap 1.7); the solver scales each row to unit
+    norm."""
+    G = torch.tensor([[0.02799426, -0.05486312], [1.90345359, -0.58765119], [-0.45304108, 0.16031675],
+                      [-1.09224713, 1.89159846], [-0.03226286, -0.05942997], [0.99260569, 0.71157515],
+                      [-1.69207501, -0.0930732], [1.08901119, -0.21631205]], dtype=torch.float64)
+    h = torch.tensor([1.0, 0.73522645, 1.1887058, 4.1226182, 1.92215967, 0.91433185, 1.45689583, 1.26318228],
+                     dtype=torch.float64)
+    y = torch.tensor([-0.16501614, -0.66874224], dtype=torch.float64)
+    x, result = qp(torch.eye(2, dtype=torch.float64), -y, G, h)
+    assert result.status == ("solved",)
+    torch.testing.assert_close(x[0], y, atol=1e-9, rtol=0)
+    assert float(result.lam.abs().max()) < 1e-8

@@ -68,6 +68,12 @@ def _shift_into_cone(v: jax.Array) -> jax.Array:
     return jnp.where(smallest < jnp.finfo(v.dtype).eps ** 0.5, v + 1 - smallest, v)
 
 
+def _row_scale(M: jax.Array) -> jax.Array:
+    """One over the Euclidean norm of each row of M (B, r, n), shape (B, r); one for a zero row."""
+    norms = jnp.linalg.norm(M, axis=2)
+    return jnp.where(norms > 0, 1 / jnp.where(norms > 0, norms, 1), 1)
+
+
 def per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
     """Reshape per-sample values (B,) to broadcast against ``like`` (B, ...)."""
     return values.reshape(-1, *[1] * (like.ndim - 1))
@@ -166,7 +172,14 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     every sample has stopped, decided on the device (no host synchronization).
 
     Each pass of the loop checks the iterate and then, under a ``lax.cond``, steps, as each pass of torch's loop
-    does: the check is written once in the program, which keeps its compilation short."""
+    does: the check is written once in the program, which keeps its compilation short.
+
+    The method runs on the problem with every constraint row scaled to unit Euclidean norm (its right-hand side
+    with it), and the iterate it returns is mapped back to the problem as given. Without that, a row much shorter
+    than its right-hand side (a constraint far from the origin, written with small coefficients) could stall the
+    iterations, for example at |g| = 0.06, h = 1 in two variables."""
+    G_scale, A_scale = _row_scale(G), _row_scale(A)
+    G, h, A, b = G * G_scale[..., None], h * G_scale, A * A_scale[..., None], b * A_scale
     batch, m = p.shape[0], h.shape[1]
     delta, smallest_W = regularization(p.dtype)
     integer = jax.dtypes.canonicalize_dtype(int)
@@ -221,4 +234,6 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         _LoopState(initial_iterate(Q, p, G, h, A, b, delta), batch_of(MAX_ITER, dtype=integer),
                    batch_of(True), batch_of(0, dtype=integer), jnp.zeros((), integer), jnp.zeros((), bool)),
     )
-    return PDIPMOutput(state.iterate, state.status, state.iterations, state.steps + 1)
+    iterate = state.iterate._replace(s=state.iterate.s / G_scale, lam=state.iterate.lam * G_scale,
+                                     nu=state.iterate.nu * A_scale)
+    return PDIPMOutput(iterate, state.status, state.iterations, state.steps + 1)

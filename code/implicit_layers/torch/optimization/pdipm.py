@@ -66,6 +66,12 @@ def _shift_into_cone(v: torch.Tensor) -> torch.Tensor:
     return torch.where(smallest < v.new_tensor(torch.finfo(v.dtype).eps ** 0.5), v + 1 - smallest, v)
 
 
+def _row_scale(M: torch.Tensor) -> torch.Tensor:
+    """One over the Euclidean norm of each row of M (B, r, n), shape (B, r); one for a zero row."""
+    norms = torch.linalg.vector_norm(M, dim=2)
+    return torch.where(norms > 0, 1 / norms, torch.ones_like(norms))
+
+
 def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape per-sample values (B,) to broadcast against ``like`` (B, ...)."""
     return values.view(-1, *[1] * (like.dim() - 1))
@@ -118,7 +124,14 @@ def initial_iterate(Q, p, G, h, A, b, delta: float) -> Iterate:
 def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     """Run the interior-point method on a batch of broadcast QPs (Q (B, n, n), p (B, n), G (B, m, n), h (B, m),
     A (B, e, n), b (B, e)). Samples stop one by one: a finished sample's iterate is frozen, and the loop ends when
-    every sample has stopped (one read from the device per iteration)."""
+    every sample has stopped (one read from the device per iteration).
+
+    The method runs on the problem with every constraint row scaled to unit Euclidean norm (its right-hand side
+    with it), and the iterate it returns is mapped back to the problem as given. Without that, a row much shorter
+    than its right-hand side (a constraint far from the origin, written with small coefficients) could stall the
+    iterations, for example at |g| = 0.06, h = 1 in two variables."""
+    G_scale, A_scale = _row_scale(G), _row_scale(A)
+    G, h, A, b = G * G_scale[..., None], h * G_scale, A * A_scale[..., None], b * A_scale
     batch, m = p.shape[0], h.shape[1]
     delta, smallest_W = regularization(p.dtype)
     iterate = initial_iterate(Q, p, G, h, A, b, delta)
@@ -188,4 +201,5 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         running = running & finite
         iterate = Iterate(*(torch.where(per_sample(running, new), new, old) for new, old in zip(stepped, iterate)))
         iterations = iterations + running
+    iterate = iterate._replace(s=iterate.s / G_scale, lam=iterate.lam * G_scale, nu=iterate.nu * A_scale)
     return PDIPMOutput(iterate, status, iterations, num_factorizations)
