@@ -25,18 +25,25 @@ class QPResult(NamedTuple):
         ``h - G x`` at the solution, shape (B, m).
     iterations : jax.Array
         Interior-point iterations of each sample, shape (B,), integer.
-    primal_residual, dual_residual, gap : jax.Array
-        Reached by each sample, shape (B,): the infinity norms of ``G x + slack - h`` and ``A x - b`` (the larger),
-        of ``Q x + p + G' lam + A' nu``, and the duality gap |primal objective - dual objective|. NaN for an
+    primal_residual : jax.Array
+        The infinity norm of the primal residual reached by each sample, the larger of those of ``G x + slack - h``
+        and ``A x - b``, shape (B,). NaN for an infeasible sample.
+    dual_residual : jax.Array
+        The infinity norm of ``Q x + p + G' lam + A' nu`` reached by each sample, shape (B,). NaN for an
         infeasible sample.
+    gap : jax.Array
+        The duality gap reached by each sample, the absolute difference of the primal and dual objectives, shape
+        (B,). NaN for an infeasible sample.
     status_code : jax.Array
         Index of each sample's status in ``QP_STATUSES``, shape (B,), integer.
     nfe : jax.Array
         Factorizations of the Newton matrix made for the batch (one per iteration, plus the start), a scalar
         integer array (an ``int`` in torch; here it is computed on the device).
 
-    None of the fields carries a gradient: like the torch record, computed without autograd, each is a constant
-    to ``grad`` (only the solution ``x`` is differentiable).
+    Notes
+    -----
+    None of the fields carries a gradient. Like the torch record, computed without autograd, each is a constant
+    to ``grad``; only the solution ``x`` is differentiable.
     """
 
     lam: jax.Array
@@ -51,8 +58,8 @@ class QPResult(NamedTuple):
 
     @property
     def status(self) -> tuple[str, ...]:
-        """Each sample's status: ``"solved"``, ``"max_iter"``, ``"primal_infeasible"``, ``"dual_infeasible"``
-        (the QP is unbounded below) or ``"failed"`` (a step gave NaN/Inf or a singular system). Needs concrete
+        """The status of each sample, one of ``"solved"``, ``"max_iter"``, ``"primal_infeasible"``,
+        ``"dual_infeasible"`` (the QP is unbounded below) or ``"failed"`` (a step gave NaN/Inf or a singular system). Needs concrete
         values (read it outside ``jit``)."""
         return tuple(QP_STATUSES[code] for code in np.asarray(self.status_code).tolist())
 

@@ -24,10 +24,15 @@ class QPResult(NamedTuple):
         ``h - G x`` at the solution, shape (B, m).
     iterations : torch.Tensor
         Interior-point iterations of each sample, shape (B,), int64.
-    primal_residual, dual_residual, gap : torch.Tensor
-        Reached by each sample, shape (B,): the infinity norms of ``G x + slack - h`` and ``A x - b`` (the larger),
-        of ``Q x + p + G' lam + A' nu``, and the duality gap |primal objective - dual objective|. NaN for an
+    primal_residual : torch.Tensor
+        The infinity norm of the primal residual reached by each sample, the larger of those of ``G x + slack - h``
+        and ``A x - b``, shape (B,). NaN for an infeasible sample.
+    dual_residual : torch.Tensor
+        The infinity norm of ``Q x + p + G' lam + A' nu`` reached by each sample, shape (B,). NaN for an
         infeasible sample.
+    gap : torch.Tensor
+        The duality gap reached by each sample, the absolute difference of the primal and dual objectives, shape
+        (B,). NaN for an infeasible sample.
     status_code : torch.Tensor
         Index of each sample's status in ``QP_STATUSES``, shape (B,), int64.
     nfe : int
@@ -46,8 +51,8 @@ class QPResult(NamedTuple):
 
     @property
     def status(self) -> tuple[str, ...]:
-        """Each sample's status: ``"solved"``, ``"max_iter"``, ``"primal_infeasible"``, ``"dual_infeasible"``
-        (the QP is unbounded below) or ``"failed"`` (a step gave NaN/Inf or a singular system)."""
+        """The status of each sample, one of ``"solved"``, ``"max_iter"``, ``"primal_infeasible"``,
+        ``"dual_infeasible"`` (the QP is unbounded below) or ``"failed"`` (a step gave NaN/Inf or a singular system)."""
         return tuple(QP_STATUSES[code] for code in self.status_code.tolist())
 
     @property
