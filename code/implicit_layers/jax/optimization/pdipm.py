@@ -174,12 +174,14 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     Each pass of the loop checks the iterate and then, under a ``lax.cond``, steps, as each pass of torch's loop
     does: the check is written once in the program, which keeps its compilation short.
 
-    The method runs on the problem with every constraint row scaled to unit Euclidean norm (its right-hand side
+    The method runs on the problem with every inequality row scaled to unit Euclidean norm (its right-hand side
     with it), and the iterate it returns is mapped back to the problem as given. Without that, a row much shorter
     than its right-hand side (a constraint far from the origin, written with small coefficients) could stall the
-    iterations, for example at |g| = 0.06, h = 1 in two variables."""
-    G_scale, A_scale = _row_scale(G), _row_scale(A)
-    G, h, A, b = G * G_scale[..., None], h * G_scale, A * A_scale[..., None], b * A_scale
+    iterations, for example at |g| = 0.06, h = 1 in two variables. Equality rows are left as given: scaled to
+    unit norm, the learned equalities of the Sudoku layer (chapter 6) no longer converged in float32, the fixed
+    regularization of the Schur complement then weighing more against its entries."""
+    G_scale = _row_scale(G)
+    G, h = G * G_scale[..., None], h * G_scale
     batch, m = p.shape[0], h.shape[1]
     delta, smallest_W = regularization(p.dtype)
     integer = jax.dtypes.canonicalize_dtype(int)
@@ -234,6 +236,5 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         _LoopState(initial_iterate(Q, p, G, h, A, b, delta), batch_of(MAX_ITER, dtype=integer),
                    batch_of(True), batch_of(0, dtype=integer), jnp.zeros((), integer), jnp.zeros((), bool)),
     )
-    iterate = state.iterate._replace(s=state.iterate.s / G_scale, lam=state.iterate.lam * G_scale,
-                                     nu=state.iterate.nu * A_scale)
+    iterate = state.iterate._replace(s=state.iterate.s / G_scale, lam=state.iterate.lam * G_scale)
     return PDIPMOutput(iterate, state.status, state.iterations, state.steps + 1)

@@ -126,12 +126,14 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     A (B, e, n), b (B, e)). Samples stop one by one: a finished sample's iterate is frozen, and the loop ends when
     every sample has stopped (one read from the device per iteration).
 
-    The method runs on the problem with every constraint row scaled to unit Euclidean norm (its right-hand side
+    The method runs on the problem with every inequality row scaled to unit Euclidean norm (its right-hand side
     with it), and the iterate it returns is mapped back to the problem as given. Without that, a row much shorter
     than its right-hand side (a constraint far from the origin, written with small coefficients) could stall the
-    iterations, for example at |g| = 0.06, h = 1 in two variables."""
-    G_scale, A_scale = _row_scale(G), _row_scale(A)
-    G, h, A, b = G * G_scale[..., None], h * G_scale, A * A_scale[..., None], b * A_scale
+    iterations, for example at |g| = 0.06, h = 1 in two variables. Equality rows are left as given: scaled to
+    unit norm, the learned equalities of the Sudoku layer (chapter 6) no longer converged in float32, the fixed
+    regularization of the Schur complement then weighing more against its entries."""
+    G_scale = _row_scale(G)
+    G, h = G * G_scale[..., None], h * G_scale
     batch, m = p.shape[0], h.shape[1]
     delta, smallest_W = regularization(p.dtype)
     iterate = initial_iterate(Q, p, G, h, A, b, delta)
@@ -201,5 +203,5 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         running = running & finite
         iterate = Iterate(*(torch.where(per_sample(running, new), new, old) for new, old in zip(stepped, iterate)))
         iterations = iterations + running
-    iterate = iterate._replace(s=iterate.s / G_scale, lam=iterate.lam * G_scale, nu=iterate.nu * A_scale)
+    iterate = iterate._replace(s=iterate.s / G_scale, lam=iterate.lam * G_scale)
     return PDIPMOutput(iterate, status, iterations, num_factorizations)
