@@ -6,7 +6,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from functools import partial
 
-import numpy as np
 import torch
 
 from qp_problem import ARGUMENTS, Case, Outcome, Problem, Run

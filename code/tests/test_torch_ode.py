@@ -4,7 +4,6 @@ gradients in every mode, and every refusal and warning. Float64 throughout."""
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
