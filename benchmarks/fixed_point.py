@@ -21,7 +21,9 @@ import fixed_point_jax
 import fixed_point_torch
 from fixed_point_torch import METHODS
 from fixed_point_problem import INPUT_SCALE, TASKS, Case, Problem, Settings, accuracy, make_problems
-from harness import cpu_seconds, machine, others_share, parse_args, our_package, time_in_rounds, versions
+from harness import (
+    cpu_seconds, machine, others_share, parse_args, our_package, time_in_rounds, versions, write_report,
+)
 
 WARMUPS = 2
 """Calls before the timed repeats; the first is timed on its own (for JAX: compilation and one run)."""
@@ -219,10 +221,7 @@ def main() -> None:
     rows.sort(key=lambda row: (order.index(row.problem), TASKS.index(row.task), _table_order(row.case)))
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
     text = report(args, settings, n, batch, cases, with_ratios(rows), info)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    print(f"written to {args.out}", file=sys.stderr)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

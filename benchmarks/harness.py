@@ -9,6 +9,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -131,3 +132,11 @@ def parse_args(description: str, name: str, quick_help: str, default_repeats: in
         label = f"{platform.machine()}-{os.cpu_count()}cpu" + ("-quick" if args.quick else "")
         args.out = RESULTS / f"{name}-{label}.md"
     return args
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a benchmark's report to ``path`` (creating its folder) and show it, saying where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+    print(f"written to {path}", file=sys.stderr)

@@ -25,7 +25,7 @@ import torch
 
 import ode_jax
 import ode_torch
-from harness import cpu_seconds, machine, others_share, parse_args, time_in_rounds, versions
+from harness import cpu_seconds, machine, others_share, parse_args, time_in_rounds, versions, write_report
 from implicit_layers import jax as ours_jax
 from implicit_layers import torch as ours_torch
 from ode_problem import Problem, make_problem, reference, relative_error
@@ -259,10 +259,7 @@ def main() -> None:
     memory = memory_table(batch, settings, MEMORY_HORIZONS[:2] if args.quick else MEMORY_HORIZONS)
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
     text = report(args, settings, batch, with_ratios(rows), memory, info)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    print(f"written to {args.out}", file=sys.stderr)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ import numpy as np  # noqa: E402
 
 import qp_jax  # noqa: E402
 import qp_torch  # noqa: E402
-from harness import cpu_seconds, machine, others_share, parse_args, time_in_rounds, versions  # noqa: E402
+from harness import (  # noqa: E402
+    cpu_seconds, machine, others_share, parse_args, time_in_rounds, versions, write_report,
+)
 from qp_problem import ARGUMENTS, Case, Problem, make_problem, reference, relative_errors  # noqa: E402
 
 WARMUPS = 2
@@ -230,10 +232,7 @@ def main() -> None:
     size_table = scaling_table(scaled, [(batch, size) for size in sizes], "n", repeats)
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
     text = report(args, problem, check, with_ratios(rows), batch_table, size_table, info)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    print(f"written to {args.out}", file=sys.stderr)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":
