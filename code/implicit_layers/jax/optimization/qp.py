@@ -13,7 +13,7 @@ from ..._checks import check_qp_options, check_qp_shapes
 from ...errors import UnsupportedDerivativeError, report_qp_status
 from .._validation import is_concrete, known_to_be_finite
 from ._kkt import factor_kkt, kkt_residual, regularization, solve_kkt_refined
-from .pdipm import DUAL_INFEASIBLE, PRIMAL_INFEASIBLE, largest, pdipm
+from .pdipm import DUAL_INFEASIBLE, PRIMAL_INFEASIBLE, largest, pdipm, per_sample
 from .result import QPResult
 
 DEFAULT_TOL = {jnp.dtype(jnp.float64): 1e-9, jnp.dtype(jnp.float32): 1e-5}
@@ -229,7 +229,7 @@ def _kkt_gradients(Q, G, A, x, lam, nu, slack, infeasible, g) -> tuple[jax.Array
         -outer(nu, u_x) - outer(u_nu, x),
         u_nu,
     )
-    return tuple(jnp.where(infeasible.reshape(-1, *[1] * (v.ndim - 1)), jnp.nan, v) for v in gradients)
+    return tuple(jnp.where(per_sample(infeasible, v), jnp.nan, v) for v in gradients)
 
 
 _kkt_gradient.defvjp(_kkt_gradient_forward, _kkt_gradient_backward)

@@ -10,7 +10,7 @@ import torch
 from ..._checks import check_qp_options, check_qp_shapes
 from ...errors import UnsupportedDerivativeError, report_qp_status
 from ._kkt import factor_kkt, kkt_residual, regularization, solve_kkt_refined
-from .pdipm import DUAL_INFEASIBLE, PRIMAL_INFEASIBLE, largest, pdipm
+from .pdipm import DUAL_INFEASIBLE, PRIMAL_INFEASIBLE, largest, pdipm, per_sample
 from .result import QPResult
 
 DEFAULT_TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
@@ -170,7 +170,7 @@ class _KKTGradient(torch.autograd.Function):
             u_nu,
         )
         gradients = tuple(
-            torch.where(infeasible.view(-1, *[1] * (v.dim() - 1)), nan, v) if needed else None
+            torch.where(per_sample(infeasible, v), nan, v) if needed else None
             for v, needed in zip(gradients, ctx.needs_input_grad)
         )
         return (*gradients, None, None, None, None, None)
