@@ -332,3 +332,20 @@ def check_subset_size(name: str, value: Any, size: int) -> int:
             f"{name} must be an integer from 1 to {size - 1} (one less than the {size} entries), got {value!r}"
         )
     return int(value)
+
+
+def check_conv_cell_sizes(*, channels: Any, inner_channels: Any, groups: Any) -> tuple[int, int, int]:
+    """Return the sizes of a convolutional DEQ cell as ints; raise unless all are positive integers and
+    ``groups`` divides both channel counts (the cell normalizes ``channels`` and ``inner_channels`` channels in
+    ``groups`` groups each)."""
+    groups = check_iteration_limit("groups", groups)
+    sizes = []
+    for name, value in (("channels", channels), ("inner_channels", inner_channels)):
+        value = check_iteration_limit(name, value)
+        if value % groups:
+            raise ValueError(
+                f"{name} must be divisible by groups: group normalization splits the {value} channels into "
+                f"{groups} groups of equal size"
+            )
+        sizes.append(value)
+    return sizes[0], sizes[1], groups

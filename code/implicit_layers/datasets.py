@@ -1,7 +1,7 @@
 """Data sets for the chapters, as NumPy arrays, offline by default.
 
 The digits of scikit-learn ship with the package and need no network. MNIST is read from a local folder and
-downloaded only when the caller opts in with ``download=True``.
+downloaded only when the caller opts in with ``download=True``. CIFAR-10 is read from a local folder only.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from typing import NamedTuple
 import numpy as np
 
 MNIST_BASE_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{k}.bin" for k in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch.bin"
+CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32
+"""One record of the binary CIFAR-10 files: a label byte, then the red, green and blue 32x32 planes row by row."""
 MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
     "y_train": "train-labels-idx1-ubyte.gz",
@@ -25,7 +29,8 @@ MNIST_FILES = {
 
 
 class Split(NamedTuple):
-    """A train/test split: flattened images as float32 in [0, 1] and int64 labels."""
+    """A train/test split: images as float32 in [0, 1] (flattened for the digits and MNIST, (N, 3, 32, 32) for
+    CIFAR-10) and int64 labels."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -110,6 +115,65 @@ def load_mnist(root: str | Path, download: bool = False, base_url: str = MNIST_B
         _scaled_flat(arrays["x_test"]),
         arrays["y_test"].astype(np.int64),
     )
+
+
+def load_cifar10(root: str | Path) -> Split:
+    """Load CIFAR-10 (50,000 training and 10,000 test color images of 32x32 pixels, 10 classes) from ``root``.
+
+    Reads the binary version of the data set (the folder ``cifar-10-batches-bin`` of ``cifar-10-binary.tar.gz``
+    from https://www.cs.toronto.edu/~kriz/cifar.html), whose files are sequences of records of one label byte
+    followed by 3,072 pixel bytes, channel by channel. Nothing is downloaded: the data set is large, and a
+    chapter uses it only when the reader has the files.
+
+    Parameters
+    ----------
+    root : str or Path
+        Folder holding ``data_batch_1.bin`` to ``data_batch_5.bin`` and ``test_batch.bin``.
+
+    Returns
+    -------
+    Split
+        Images of shape (N, 3, 32, 32) scaled to [0, 1] and their labels, 0 to 9, in file order.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a file is missing; the message names the folder and the files it expects.
+    ValueError
+        If a file's size is not a whole number of records, or a label is not one of 0 to 9.
+    """
+    root = Path(root)
+    expected = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
+    missing = [name for name in expected if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 files {missing} are not in {str(root)!r}, which must hold the binary version's "
+            f"{', '.join(expected)} (the folder cifar-10-batches-bin of cifar-10-binary.tar.gz from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html); nothing is downloaded"
+        )
+    train = [_read_cifar10_batch(root / name) for name in CIFAR10_TRAIN_FILES]
+    x_test, y_test = _read_cifar10_batch(root / CIFAR10_TEST_FILE)
+    return Split(
+        np.concatenate([images for images, _ in train]),
+        np.concatenate([labels for _, labels in train]),
+        x_test,
+        y_test,
+    )
+
+
+def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0 or data.size % CIFAR10_RECORD_BYTES:
+        raise ValueError(
+            f"{str(path)!r} has {data.size} bytes, not a positive whole number of {CIFAR10_RECORD_BYTES}-byte "
+            "CIFAR-10 records (a label byte and 3,072 pixel bytes): is it truncated, or not the binary version?"
+        )
+    records = data.reshape(-1, CIFAR10_RECORD_BYTES)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise ValueError(f"{str(path)!r} has a label {labels.max()} outside 0-9: it is not a CIFAR-10 file")
+    images = (records[:, 1:].reshape(-1, 3, 32, 32) / np.float32(255.0)).astype(np.float32)
+    return images, labels
 
 
 def _scaled_flat(images: np.ndarray) -> np.ndarray:

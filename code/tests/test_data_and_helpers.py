@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from implicit_layers.config import quick_mode
-from implicit_layers.datasets import MNIST_FILES, load_digits, load_mnist
+from implicit_layers.datasets import (
+    CIFAR10_TEST_FILE,
+    CIFAR10_TRAIN_FILES,
+    MNIST_FILES,
+    load_cifar10,
+    load_digits,
+    load_mnist,
+)
 
 
 def test_digits_ship_offline_and_split_reproducibly():
@@ -70,6 +77,57 @@ def test_mnist_rejects_corrupt_files(tiny_mnist):
     write_idx(source / MNIST_FILES["y_test"], np.zeros(3))  # 4 test images but 3 labels
     with pytest.raises(ValueError, match="do not hold images"):
         load_mnist(source)
+
+
+@pytest.fixture
+def tiny_cifar10(tmp_path):
+    """The six binary CIFAR-10 files with 2 records each (3 in the test file): a label byte, then 3,072 pixel
+    bytes, the red plane first."""
+    rng = np.random.default_rng(0)
+    contents = {}
+    for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE):
+        count = 3 if name == CIFAR10_TEST_FILE else 2
+        labels, pixels = rng.integers(0, 10, count), rng.integers(0, 256, (count, 3, 32, 32))
+        records = np.concatenate([labels[:, None], pixels.reshape(count, -1)], axis=1).astype(np.uint8)
+        (tmp_path / name).write_bytes(records.tobytes())
+        contents[name] = labels, pixels
+    return tmp_path, contents
+
+
+def test_cifar10_reads_local_binary_files(tiny_cifar10):
+    root, contents = tiny_cifar10
+    split = load_cifar10(root)
+    assert split.x_train.shape == (10, 3, 32, 32) and split.x_test.shape == (3, 3, 32, 32)
+    assert split.x_train.dtype == np.float32 and split.y_train.dtype == np.int64
+    assert 0.0 <= split.x_train.min() and split.x_train.max() <= 1.0
+    # The training images in file order: data_batch_2's second record is the fourth image.
+    labels, pixels = contents["data_batch_2.bin"]
+    assert split.y_train[3] == labels[1]
+    np.testing.assert_allclose(split.x_train[3], pixels[1] / 255.0, rtol=1e-6)
+    assert split.x_train[3, 2, 31, 0] == np.float32(pixels[1, 2, 31, 0] / 255.0)  # blue plane, last row, first column
+    np.testing.assert_array_equal(split.y_test, contents[CIFAR10_TEST_FILE][0])
+    np.testing.assert_allclose(split.x_test, contents[CIFAR10_TEST_FILE][1] / 255.0, rtol=1e-6)
+
+
+def test_cifar10_never_downloads_and_names_the_files(tiny_cifar10, tmp_path):
+    root, _ = tiny_cifar10
+    with pytest.raises(FileNotFoundError, match="data_batch_1.bin.*test_batch.bin") as missing_folder:
+        load_cifar10(tmp_path / "nowhere")
+    assert "nowhere" in str(missing_folder.value)
+    (root / "data_batch_3.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"\['data_batch_3.bin'\]"):
+        load_cifar10(root)
+
+
+def test_cifar10_rejects_truncated_and_foreign_files(tiny_cifar10):
+    root, _ = tiny_cifar10
+    whole = (root / CIFAR10_TEST_FILE).read_bytes()
+    (root / CIFAR10_TEST_FILE).write_bytes(whole[:-100])
+    with pytest.raises(ValueError, match="test_batch.bin.*not a positive whole number of 3073-byte"):
+        load_cifar10(root)
+    (root / CIFAR10_TEST_FILE).write_bytes(bytes([10]) + whole[1:])
+    with pytest.raises(ValueError, match="label 10 outside 0-9"):
+        load_cifar10(root)
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("TRUE", True), ("yes", True), ("0", False), ("", False)])
