@@ -203,9 +203,10 @@ def test_torch_and_jax_mirror_each_other():
     assert shared <= set(ilt.__all__) and shared <= set(ilj.__all__)
     assert set(ilt.SOLVERS) == set(ilj.SOLVERS)
     torch_only = set(ilt.__all__) - set(ilj.__all__)
-    assert torch_only == {"FixedPointLayer", "autograd_graph_bytes", "default_device", "peak_memory_bytes",
-                          "seed_everything"}
-    assert set(ilj.__all__) - set(ilt.__all__) == {"cache_compilations", "compiled_memory_bytes"}
+    assert torch_only == {"ConvDEQCell", "FixedPointLayer", "autograd_graph_bytes", "default_device",
+                          "peak_memory_bytes", "seed_everything"}
+    assert set(ilj.__all__) - set(ilt.__all__) == {"cache_compilations", "compiled_memory_bytes", "conv_deq_cell",
+                                                   "conv_deq_cell_init"}
 
 
 def test_torch_and_jax_mirror_file_for_file():

@@ -6,6 +6,7 @@ from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivative
 from .fixed_points import (
     BACKWARD_SOLVERS,
     SOLVERS,
+    ConvDEQCell,
     FixedPointLayer,
     SolverResult,
     anderson,
@@ -25,6 +26,7 @@ __all__ = [
     "ODE_METHODS",
     "QP_STATUSES",
     "SOLVERS",
+    "ConvDEQCell",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointLayer",

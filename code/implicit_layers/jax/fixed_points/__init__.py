@@ -4,6 +4,7 @@
 
 from .anderson import anderson
 from .broyden import broyden
+from .conv_cell import conv_deq_cell, conv_deq_cell_init
 from .fixed_point import BACKWARD_SOLVERS, SOLVERS, fixed_point
 from .forward_iteration import forward_iteration
 from .gmres import gmres
@@ -17,6 +18,8 @@ __all__ = [
     "anderson",
     "batched_jacobian",
     "broyden",
+    "conv_deq_cell",
+    "conv_deq_cell_init",
     "fixed_point",
     "forward_iteration",
     "gmres",

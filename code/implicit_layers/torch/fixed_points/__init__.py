@@ -3,6 +3,7 @@
 
 from .anderson import anderson
 from .broyden import broyden
+from .conv_cell import ConvDEQCell
 from .fixed_point import BACKWARD_SOLVERS, SOLVERS, FixedPointLayer, fixed_point
 from .forward_iteration import forward_iteration
 from .gmres import gmres
@@ -12,6 +13,7 @@ from .result import SolverResult
 __all__ = [
     "BACKWARD_SOLVERS",
     "SOLVERS",
+    "ConvDEQCell",
     "FixedPointLayer",
     "SolverResult",
     "anderson",
