@@ -18,8 +18,8 @@ import numpy as np
 MNIST_BASE_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{k}.bin" for k in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch.bin"
+# A record of the binary CIFAR-10 files is a label byte, then the red, green and blue 32x32 planes row by row.
 CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32
-"""One record of the binary CIFAR-10 files: a label byte, then the red, green and blue 32x32 planes row by row."""
 MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
     "y_train": "train-labels-idx1-ubyte.gz",
