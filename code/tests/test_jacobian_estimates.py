@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import implicit_layers.jax.fixed_points.jacobian_estimates as ilj
-from implicit_layers.jax import batched_jacobian as jax_batched_jacobian
-from implicit_layers.torch import autograd_graph_bytes, batched_jacobian
-from implicit_layers.torch.fixed_points.jacobian_estimates import jacobian_frobenius_estimate, jacobian_spectral_norm
+import implicit_layers.jax as ilj
+from implicit_layers.torch import (
+    autograd_graph_bytes,
+    batched_jacobian,
+    jacobian_frobenius_estimate,
+    jacobian_spectral_norm,
+)
 
 from conftest import DEVICES, tanh_problem
 
@@ -224,7 +227,7 @@ def jax_estimates(W, x, z):
         return values.sum(), values
 
     def exact(W, x):
-        jacobian = jax_batched_jacobian(jax_tanh_map(W, x), z)[1]
+        jacobian = ilj.batched_jacobian(jax_tanh_map(W, x), z)[1]
         return jnp.sum(jacobian**2), (jacobian, jnp.sum(jacobian**2, axis=(1, 2)))
 
     def grams(W, x):

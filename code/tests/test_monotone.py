@@ -9,9 +9,8 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
-import implicit_layers.jax.fixed_points.monotone as jax_monotone
-from implicit_layers.torch import anderson, forward_iteration, newton
-from implicit_layers.torch.fixed_points.monotone import monotone_step_size, monotone_weight
+import implicit_layers.jax as ilj
+from implicit_layers.torch import anderson, forward_iteration, monotone_step_size, monotone_weight, newton
 
 jax.config.update("jax_enable_x64", True)
 
@@ -130,9 +129,11 @@ def test_torch_gradients_gradcheck():
 
 def test_bad_arguments_are_named():
     square = torch.zeros(3, 3, dtype=torch.float64)
-    for module, convert in ((None, lambda a: a), (jax_monotone, lambda a: jnp.asarray(a.numpy()))):
-        weight = monotone_weight if module is None else module.monotone_weight
-        step_size = monotone_step_size if module is None else module.monotone_step_size
+    frameworks = (
+        (monotone_weight, monotone_step_size, lambda a: a),
+        (ilj.monotone_weight, ilj.monotone_step_size, lambda a: jnp.asarray(a.numpy())),
+    )
+    for weight, step_size, convert in frameworks:
         A = convert(square)
         with pytest.raises(ValueError, match="^A must be a non-empty square matrix"):
             weight(convert(torch.zeros(3, 2, dtype=torch.float64)), A, 0.5)
@@ -169,8 +170,8 @@ def test_jax_twin_gives_the_same_numbers_and_composes_with_jit_and_grad():
 
     @jax.jit
     def weight_and_step(A, B, m):
-        W = jax_monotone.monotone_weight(A, B, m)
-        return W, jax_monotone.monotone_step_size(W, m)
+        W = ilj.monotone_weight(A, B, m)
+        return W, ilj.monotone_step_size(W, m)
 
     W, alpha = weight_and_step(A, B, m)  # m traced: its value is checked only outside jit
     np.testing.assert_allclose(np.asarray(W), W_torch.numpy(), rtol=0, atol=1e-15)

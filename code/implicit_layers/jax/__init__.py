@@ -16,6 +16,10 @@ from .fixed_points import (
     fixed_point,
     forward_iteration,
     gmres,
+    jacobian_frobenius_estimate,
+    jacobian_spectral_norm,
+    monotone_step_size,
+    monotone_weight,
     newton,
 )
 from .ode import ODE_METHODS, ODEResult, odeint
@@ -43,6 +47,10 @@ __all__ = [
     "fixed_point",
     "forward_iteration",
     "gmres",
+    "jacobian_frobenius_estimate",
+    "jacobian_spectral_norm",
+    "monotone_step_size",
+    "monotone_weight",
     "newton",
     "odeint",
     "project_simplex",

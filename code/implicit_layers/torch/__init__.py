@@ -15,6 +15,10 @@ from .fixed_points import (
     fixed_point,
     forward_iteration,
     gmres,
+    jacobian_frobenius_estimate,
+    jacobian_spectral_norm,
+    monotone_step_size,
+    monotone_weight,
     newton,
 )
 from .ode import ODE_METHODS, ODEResult, odeint
@@ -42,6 +46,10 @@ __all__ = [
     "fixed_point",
     "forward_iteration",
     "gmres",
+    "jacobian_frobenius_estimate",
+    "jacobian_spectral_norm",
+    "monotone_step_size",
+    "monotone_weight",
     "newton",
     "odeint",
     "peak_memory_bytes",

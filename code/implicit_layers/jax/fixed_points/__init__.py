@@ -8,6 +8,8 @@ from .conv_cell import conv_deq_cell, conv_deq_cell_init
 from .fixed_point import BACKWARD_SOLVERS, SOLVERS, fixed_point
 from .forward_iteration import forward_iteration
 from .gmres import gmres
+from .jacobian_estimates import jacobian_frobenius_estimate, jacobian_spectral_norm
+from .monotone import monotone_step_size, monotone_weight
 from .newton import batched_jacobian, newton
 from .result import SolverResult
 
@@ -23,5 +25,9 @@ __all__ = [
     "fixed_point",
     "forward_iteration",
     "gmres",
+    "jacobian_frobenius_estimate",
+    "jacobian_spectral_norm",
+    "monotone_step_size",
+    "monotone_weight",
     "newton",
 ]
