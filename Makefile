@@ -23,6 +23,10 @@ JB := $(BIN)/jupyter-book build . --path-output $(OUTPUT) --config $(JB_CONFIG)
 # collected by --keep-going; without it the first warning fails the build.
 NOTEBOOKS := rm -rf $(OUTPUT)/_build/jupyter && $(JB) --builder custom --custom-builder jupyter -W -n
 
+# One test worker per core (they share one build of the site, see code/tests/conftest.py); the slowest
+# tests are listed at the end so that the suite's time budget can be watched.
+TEST_ARGS ?= -n auto --durations=20
+
 PORT ?= 8000
 # For example LAB_ARGS=--no-browser, or --allow-root inside a container.
 LAB_ARGS ?=
@@ -64,7 +68,7 @@ notebooks: $(STAMP)
 	$(NOTEBOOKS)
 
 test: $(STAMP)
-	BOOK_QUICK=1 $(PY) -m pytest code/tests
+	BOOK_QUICK=1 $(PY) -m pytest code/tests $(TEST_ARGS)
 
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/fixed_point.py $(BENCH_ARGS)

@@ -5,10 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[2]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core; a second intra-op thread per worker would only compete for them.
+    torch.set_num_threads(1)
 
 
 def tanh_problem(batch=5, n=8, scale=0.5, dtype=torch.float64, device="cpu", seed=0):
@@ -32,8 +37,25 @@ def book_config() -> dict:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
     """``make book`` into a temporary folder, with execution off (the chapters' execution is
-    tested above). Returns the ``_build`` folder holding ``html`` and ``jupyter``."""
-    out = tmp_path_factory.mktemp("book")
+    tested above). Returns the ``_build`` folder holding ``html`` and ``jupyter``.
+
+    Each pytest-xdist worker has a session of its own: the first to ask builds the book into a folder
+    that all workers share, and the others wait for it and use that build, or its failure."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder above the workers' own temporary folders
+    out = shared / "book"
+    with FileLock(shared / "book.lock"):
+        if not out.is_dir():
+            out.mkdir()
+            result = _build_book_without_execution(out)
+            (out / "build.log").write_text(f"{result.returncode}\n{result.stdout}{result.stderr}")
+    status, log = (out / "build.log").read_text().split("\n", 1)
+    assert status == "0", log[-6000:]
+    return out / "_build"
+
+
+def _build_book_without_execution(out: Path) -> subprocess.CompletedProcess:
     config = book_config()
     config["execute"]["execute_notebooks"] = "off"
     sphinx = config["sphinx"]
@@ -46,7 +68,7 @@ def built(tmp_path_factory) -> Path:
     suppressed += ["mystnb.glue", "mystnb.glue_ref"]
     config_path = out / "_config.yml"
     config_path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
+    return subprocess.run(
         ["make", "book", f"OUTPUT={out}", f"JB_CONFIG={config_path}"],
         cwd=REPO,
         capture_output=True,
@@ -54,5 +76,3 @@ def built(tmp_path_factory) -> Path:
         timeout=900,
         env={**os.environ, "BOOK_QUICK": "1"},
     )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return out / "_build"
