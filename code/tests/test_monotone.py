@@ -92,16 +92,15 @@ def test_the_damped_iteration_contracts_at_the_returned_step_size():
     alpha = monotone_step_size(W, m)
     lipschitz = torch.linalg.matrix_norm(identity - W, ord=2)
     # The linear part of the step (relu only shrinks differences) and the bound of monotone_step_size's
-    # docstring: below one inside (0, alpha), smallest at alpha / 2.
-    for fraction in (0.25, 0.5, 1.0):
+    # docstring: below one for steps in (0, 2 alpha), smallest at alpha itself.
+    for fraction in (0.5, 1.0, 1.5):
         step = fraction * alpha
         factor = torch.linalg.matrix_norm(identity - step * (identity - W), ord=2)
         bound = (1 - 2 * step * m + step**2 * lipschitz**2).sqrt()
         assert factor <= bound + 1e-14
         assert factor < 1
-    # At alpha itself the bound reaches one; the factor stays below it because A is nonsingular.
-    torch.testing.assert_close(1 - 2 * alpha * m + alpha**2 * lipschitz**2, torch.ones((), dtype=torch.float64),
-                               rtol=0, atol=1e-14)
+    torch.testing.assert_close(1 - 2 * alpha * m + alpha**2 * lipschitz**2, 1 - m**2 / lipschitz**2, rtol=0,
+                               atol=1e-14)
 
 
 def test_an_unconstrained_weight_gives_two_fixed_points():

@@ -43,16 +43,14 @@ def monotone_weight(A: torch.Tensor, B: torch.Tensor, m: Scalar) -> torch.Tensor
 
 
 def monotone_step_size(W: torch.Tensor, m: Scalar) -> torch.Tensor:
-    """The step size ``alpha = 2 m / ||I - W||_2^2`` of the damped iteration of a monotone layer.
+    """The step size ``alpha = m / ||I - W||_2^2`` that makes the damped iteration of a monotone layer contract.
 
     The iteration ``z <- relu((1 - alpha) z + alpha (W z + U x + b))`` is forward-backward splitting: a step
     ``z - alpha ((I - W) z - U x - b)`` followed by ``relu``, which is non-expansive. When the symmetric part of
     ``I - W`` is at least ``m I`` (as :func:`monotone_weight` guarantees) and ``L = ||I - W||_2``, the step
     shrinks differences by a factor of at most ``sqrt(1 - 2 alpha m + alpha^2 L^2)``, below one for every
-    ``alpha`` in ``(0, 2 m / L^2)``; the returned value is the end of that interval. There the bound reaches one,
-    but the true factor stays below one unless ``I - W`` has a direction with margin exactly ``m`` that it also
-    stretches by ``L`` (which needs a singular ``A``). The bound is smallest, ``sqrt(1 - m^2 / L^2)``, at half the
-    returned value.
+    ``alpha`` in ``(0, 2 m / L^2)``. The returned value minimizes that bound: the iteration then contracts by at
+    least ``sqrt(1 - m^2 / L^2)`` per step, whatever ``A`` and ``B`` are.
 
     Parameters
     ----------
@@ -69,7 +67,7 @@ def monotone_step_size(W: torch.Tensor, m: Scalar) -> torch.Tensor:
     _check_square("W", W)
     _check_margin(m)
     identity = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
-    return 2 * m / torch.linalg.matrix_norm(identity - W, ord=2) ** 2
+    return m / torch.linalg.matrix_norm(identity - W, ord=2) ** 2
 
 
 def _check_square(name: str, value: Any) -> None:
