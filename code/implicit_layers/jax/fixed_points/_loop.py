@@ -3,7 +3,6 @@ warnings. The twin of ``implicit_layers.torch.fixed_points._loop``."""
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Callable
 
@@ -12,17 +11,13 @@ import jax.numpy as jnp
 
 from ..._checks import check_flag, check_iteration_limit, check_tolerance
 from ...errors import report_convergence
+from .._batch import flat, per_sample
 from .._validation import check_batched_state, check_map_output, compute_dtype, is_concrete
 from .result import SolverResult
 
 Map = Callable[[jax.Array], jax.Array]
 Update = Callable[[Map, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 """``update(f, z, f(z), state) -> (proposal, state)``: one step of a method; ``state`` carries its memory."""
-
-
-def flat(x: jax.Array) -> jax.Array:
-    """View a batch (B, ...) as (B, d); unlike ``reshape(B, -1)`` this also works for an empty batch."""
-    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def residual_norm(fz: jax.Array, z: jax.Array) -> jax.Array:
@@ -133,11 +128,6 @@ def final_result(state: dict, *, tol: float, max_iter: int, nfe: jax.Array) -> S
         nfe=nfe,
         num_steps=state["step"],
     )
-
-
-def per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
-    """Reshape per-sample ``values`` of shape (B,) so they broadcast against ``like`` of shape (B, ...)."""
-    return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def _report(

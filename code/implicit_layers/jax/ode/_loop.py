@@ -4,13 +4,13 @@ the same constants, the same decisions in the same order, so both take the same 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from ..._tableaus import ButcherTableau
+from .._batch import flat, per_sample
 from .._validation import check_returns_like
 from .result import ODEResult
 
@@ -27,11 +27,6 @@ ICOEFF = 0.5
 # Error ratios are floored here before being raised to negative powers: an exact step (ratio 0) grows by
 # FACTOR_MAX rather than dividing by zero.
 RATIO_FLOOR = 1e-10
-
-
-def per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
-    """Reshape per-sample ``values`` of shape (B,) (or (T, B)) to broadcast against ``like`` of shape (B, ...)."""
-    return values.reshape(values.shape + (1,) * (like.ndim - 1))
 
 
 def _combine(weights, stages):
@@ -102,11 +97,6 @@ def error_ratio(error, y0, y1, rtol, atol):
     scale = atol + rtol * jnp.maximum(jnp.abs(y0), jnp.abs(y1))
     ratio = jnp.sqrt(jnp.mean(flat(error / scale) ** 2, axis=1))
     return jnp.where(jnp.isfinite(ratio), ratio, jnp.inf)
-
-
-def flat(x: jax.Array) -> jax.Array:
-    """View a batch (B, ...) as (B, d)."""
-    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def propose_step(dt, ratio, ratio_prev, order):

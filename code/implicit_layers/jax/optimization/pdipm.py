@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .._batch import per_sample
 from ._kkt import bmtv, bmv, factor_kkt, largest, regularization, solve_kkt
 
 SOLVED, MAX_ITER, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, FAILED = range(5)
@@ -72,11 +73,6 @@ def _row_scale(M: jax.Array) -> jax.Array:
     """One over the Euclidean norm of each row of M (B, r, n), shape (B, r); one for a zero row."""
     norms = jnp.linalg.norm(M, axis=2)
     return jnp.where(norms > 0, 1 / jnp.where(norms > 0, norms, 1), 1)
-
-
-def per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
-    """Reshape per-sample values (B,) to broadcast against ``like`` (B, ...)."""
-    return values.reshape(-1, *[1] * (like.ndim - 1))
 
 
 def _longest_step(iterate: Iterate, step: Iterate) -> jax.Array:

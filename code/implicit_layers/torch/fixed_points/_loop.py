@@ -8,6 +8,7 @@ import torch
 
 from ..._checks import check_flag, check_iteration_limit, check_tolerance
 from ...errors import report_convergence
+from .._batch import per_sample
 from .._validation import check_batched_state, check_map_output, compute_dtype
 from .result import SolverResult
 
@@ -121,7 +122,3 @@ def records_graph(*tensors: torch.Tensor) -> bool:
     updated in place, so that the graph keeps the values it saved."""
     return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
-
-def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """View per-sample ``values`` of shape (B,) so they broadcast against ``like`` of shape (B, ...)."""
-    return values.view(-1, *([1] * (like.ndim - 1)))

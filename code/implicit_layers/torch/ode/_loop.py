@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ..._tableaus import ButcherTableau
+from .._batch import per_sample
 from .._validation import check_returns_like
 from .result import ODEResult
 
@@ -27,11 +28,6 @@ ICOEFF = 0.5
 # Error ratios are floored here before being raised to negative powers: an exact step (ratio 0) grows by
 # FACTOR_MAX rather than dividing by zero.
 RATIO_FLOOR = 1e-10
-
-
-def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """View per-sample ``values`` of shape (B,) so they broadcast against ``like`` of shape (B, ...)."""
-    return values.view(-1, *([1] * (like.ndim - 1)))
 
 
 class _Coefficients(NamedTuple):

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._batch import per_sample
 from ._kkt import bmtv, bmv, factor_kkt, largest, regularization, solve_kkt
 
 SOLVED, MAX_ITER, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, FAILED = range(5)
@@ -70,11 +71,6 @@ def _row_scale(M: torch.Tensor) -> torch.Tensor:
     """One over the Euclidean norm of each row of M (B, r, n), shape (B, r); one for a zero row."""
     norms = torch.linalg.vector_norm(M, dim=2)
     return torch.where(norms > 0, 1 / norms, torch.ones_like(norms))
-
-
-def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape per-sample values (B,) to broadcast against ``like`` (B, ...)."""
-    return values.view(-1, *[1] * (like.dim() - 1))
 
 
 def _longest_step(iterate: Iterate, step: Iterate) -> torch.Tensor:
