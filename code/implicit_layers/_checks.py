@@ -102,6 +102,8 @@ def check_fixed_point_options(
     warn: Any,
     solver_options: Any,
     backward_solver_options: Any,
+    phantom_steps: Any,
+    phantom_damping: Any,
 ) -> tuple[dict, dict]:
     """Check every argument of ``fixed_point`` (either framework) when it is called, not when a backward pass
     first needs it, and return the keyword arguments of the forward solver and the backward settings.
@@ -115,7 +117,8 @@ def check_fixed_point_options(
         Keyword arguments of ``solvers[solver]``.
     backward : dict
         ``solver`` (name), ``options``, ``tol`` (None for the dtype's default), ``max_iter``, ``strict`` and
-        ``warn`` of the solves inside the derivative.
+        ``warn`` of the solves inside the derivative, and the ``phantom_steps`` and ``phantom_damping`` of
+        the phantom gradient, checked whichever mode is chosen so that a bad value never waits for a switch.
     """
     backward_solver = solver if backward_solver is None else backward_solver
     if solver in backward_solvers and solver not in solvers:
@@ -140,6 +143,8 @@ def check_fixed_point_options(
         max_iter=check_iteration_limit("backward_max_iter", backward_max_iter),
         strict=strict,
         warn=warn,
+        phantom_steps=check_iteration_limit("phantom_steps", phantom_steps),
+        phantom_damping=check_unit_interval("phantom_damping", phantom_damping),
     )
     return forward, derivative
 

@@ -190,8 +190,8 @@ def test_bad_inputs_name_the_argument():
         newton(f, jnp.zeros(x.shape), max_iter=0)
     with pytest.raises(ValueError, match="unknown solver 'lbfgs'"):
         fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), solver="lbfgs")
-    with pytest.raises(ValueError, match="unknown backward 'phantom'"):
-        fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), backward="phantom")
+    with pytest.raises(ValueError, match="unknown backward 'neumann'"):
+        fixed_point(tanh_cell, jnp.zeros(x.shape), (W, x), backward="neumann")
 
 
 def test_torch_and_jax_mirror_each_other():

@@ -155,8 +155,8 @@ def test_layer_rejects_bad_input_and_options():
         layer(x)
     with pytest.raises(ValueError, match="unknown solver 'lbfgs'"):
         FixedPointLayer(TanhCell(4), solver="lbfgs")
-    with pytest.raises(ValueError, match="unknown backward 'phantom'"):
-        FixedPointLayer(TanhCell(4), backward="phantom")
+    with pytest.raises(ValueError, match="unknown backward 'neumann'"):
+        FixedPointLayer(TanhCell(4), backward="neumann")
     with pytest.raises(ValueError, match="unknown backward_solver 'cg'"):
         fixed_point(lambda z: z, torch.zeros(2, 2), backward_solver="cg")
 

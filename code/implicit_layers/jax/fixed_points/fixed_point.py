@@ -1,4 +1,5 @@
-"""Differentiable fixed points in JAX: implicit forward- and reverse-mode rules, or unrolled iterations."""
+"""Differentiable fixed points in JAX: implicit forward- and reverse-mode rules, their phantom and Jacobian-free
+approximations, or unrolled iterations."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ BACKWARD_SOLVERS = {**SOLVERS, "gmres": gmres}
 """The solvers of the derivatives' linear systems by name: the fixed-point solvers and GMRES, which needs an
 affine map."""
 
-BACKWARD_MODES = ("implicit", "unrolled")
+BACKWARD_MODES = ("implicit", "unrolled", "phantom", "jacobian_free")
 
 
 def fixed_point(
@@ -43,6 +44,8 @@ def fixed_point(
     warn: bool = True,
     solver_options: Optional[dict[str, Any]] = None,
     backward_solver_options: Optional[dict[str, Any]] = None,
+    phantom_steps: int = 5,
+    phantom_damping: float = 0.5,
 ) -> tuple[jax.Array, SolverResult]:
     """Solve ``z = f(z, theta)`` and make the solution differentiable with respect to ``theta``.
 
@@ -56,18 +59,31 @@ def fixed_point(
     the number of iterations. With ``backward="unrolled"`` the solver runs as a ``lax.scan`` of ``max_iter``
     steps and autodiff goes through every step.
 
+    Two cheaper modes approximate the implicit derivative; neither is the exact derivative. Both solve with
+    ``theta`` and ``z0`` behind ``stop_gradient``, then apply ``f`` a few more times from the solution ``z*``,
+    itself behind ``stop_gradient``, and let autodiff see only those applications. With
+    ``backward="phantom"`` (Geng et al., 2021) they are ``k = phantom_steps`` damped steps
+    ``z <- (1 - lam) z + lam f(z, theta)`` (``lam = phantom_damping``), a ``lax.fori_loop``. At the fixed
+    point this replaces ``(I - J^T)^{-1}`` by the truncated series ``lam * sum_{i<k} ((1 - lam) I + lam J^T)^i``,
+    whose error shrinks like ``rho((1 - lam) I + lam J)^k``; reverse mode stores O(k) states, with the steps
+    and not with the solver's iterations. With ``backward="jacobian_free"`` (Fung et al., 2022) the output is
+    ``f(z*, theta)``: the identity replaces ``(I - J^T)^{-1}``, at O(1) memory, and the derivative is that of
+    phantom with ``k = 1`` and ``lam = 1``. No setting makes it more accurate; Fung et al. give conditions (a
+    contraction ``f`` whose derivative in ``theta`` is well conditioned) under which it is still a descent
+    direction.
+
     Parameters
     ----------
     f : callable
         ``f(z, theta)`` maps a batch of states (B, ...) to a batch of the same shape, acting on each sample
         independently.
     z0 : jax.Array
-        Initial guess, shape (B, ...). It gets no derivative in implicit mode.
+        Initial guess, shape (B, ...). It gets no derivative in the implicit, phantom and jacobian_free modes.
     theta : pytree
         What the fixed point is differentiated with respect to (inputs, parameters).
     solver : {"newton", "forward_iteration", "anderson", "broyden"}
         Forward solver.
-    backward : {"implicit", "unrolled"}
+    backward : {"implicit", "unrolled", "phantom", "jacobian_free"}
         How derivatives are computed.
     backward_solver : {"forward_iteration", "newton", "anderson", "broyden", "gmres"}, optional
         Solver for the linear fixed points of the derivative rules; by default the forward solver. GMRES
@@ -90,27 +106,41 @@ def fixed_point(
     solver_options, backward_solver_options : dict, optional
         Extra keyword arguments of the forward and the linear solvers (for example ``{"m": 6}`` for Anderson,
         ``{"restart": 30}`` for GMRES).
+    phantom_steps : int
+        Number ``k`` of damped steps in phantom mode (checked in every mode).
+    phantom_damping : float
+        Damping ``lam`` in (0, 1] of the phantom steps (checked in every mode).
 
     Returns
     -------
     z : jax.Array
-        The fixed point.
+        The fixed point: the solver's ``z*`` in implicit mode, ``f(z*, theta)`` in jacobian_free mode and the
+        last damped step in phantom mode (equal to ``z*`` within the solver's tolerance).
     result : SolverResult
         The forward solver's record.
 
     Notes
     -----
-    Derivatives of every order are exact: the rule's inputs pass through the rule again, so a second
-    differentiation (``jax.hessian``, a Hessian-vector product, ``grad`` of ``grad``) sees the solution move
-    with ``theta`` inside the Jacobians and in the linear solve.
+    In implicit mode derivatives of every order are exact: the rule's inputs pass through the rule again, so a
+    second differentiation (``jax.hessian``, a Hessian-vector product, ``grad`` of ``grad``) sees the solution
+    move with ``theta`` inside the Jacobians and in the linear solve. In the phantom and jacobian_free modes
+    autodiff differentiates the recorded applications of ``f`` as it would any function, so a second
+    derivative is the exact derivative of the approximate first one, with ``z*`` held constant.
 
     ``f`` must act on each sample independently: sample ``b`` of ``f(z, theta)`` may depend on ``z[b]`` and
     on ``theta``, not on other samples. Every step evaluates ``f`` on the whole batch, so a map that mixes
     samples shows up as samples that lose their convergence, which the warning names.
 
     A sample whose forward solve or linear solve failed (a NaN/Inf step or a singular system, reported by a
-    :class:`~implicit_layers.errors.ConvergenceWarning`) gets a zero derivative: the implicit function theorem
-    says nothing at a point that is not a fixed point.
+    :class:`~implicit_layers.errors.ConvergenceWarning`) gets a zero derivative in every mode but unrolled: the
+    implicit function theorem, and the approximations built on it, say nothing at a point that is not a fixed
+    point.
+
+    References
+    ----------
+    Z. Geng, X.-Y. Zhang, S. Bai, Y. Wang and Z. Lin, "On training implicit models", NeurIPS 2021.
+    S. W. Fung, H. Heaton, Q. Li, D. McKenzie, S. Osher and W. Yin, "JFB: Jacobian-free backpropagation for
+    implicit networks", AAAI 2022.
     """
     forward_options, derivative = check_fixed_point_options(
         SOLVERS,
@@ -127,12 +157,25 @@ def fixed_point(
         warn=warn,
         solver_options=solver_options,
         backward_solver_options=backward_solver_options,
+        phantom_steps=phantom_steps,
+        phantom_damping=phantom_damping,
     )
     if backward == "unrolled":
         return SOLVERS[solver](lambda z: f(z, theta), z0, unroll=True, **forward_options)
 
     frozen_theta = jax.lax.stop_gradient(theta)
     z_star, result = SOLVERS[solver](lambda z: f(z, frozen_theta), jax.lax.stop_gradient(z0), **forward_options)
+    if backward in ("phantom", "jacobian_free"):
+        z_star = jax.lax.stop_gradient(z_star)
+        if backward == "jacobian_free":
+            z = f(z_star, theta)
+        else:
+            damping = derivative["phantom_damping"]
+            z = jax.lax.fori_loop(
+                0, derivative["phantom_steps"], lambda _, z: (1 - damping) * z + damping * f(z, theta), z_star
+            )
+        # Failed samples keep their values and lose their derivative, as in implicit mode.
+        return jnp.where(per_sample(result.failed, z), jax.lax.stop_gradient(z), z), result
     linear_solve = partial(
         _solve_linear_fixed_point,
         BACKWARD_SOLVERS[derivative["solver"]],

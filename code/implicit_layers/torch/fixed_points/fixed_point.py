@@ -1,4 +1,5 @@
-"""Differentiable fixed points: the implicit-function-theorem backward pass, or unrolled backpropagation."""
+"""Differentiable fixed points: the implicit-function-theorem backward pass, its phantom and Jacobian-free
+approximations, or unrolled backpropagation."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ SOLVERS = {"forward_iteration": forward_iteration, "newton": newton, "anderson":
 BACKWARD_SOLVERS = {**SOLVERS, "gmres": gmres}
 """The solvers of the adjoint system by name: the fixed-point solvers and GMRES, which needs an affine map."""
 
-BACKWARD_MODES = ("implicit", "unrolled")
+BACKWARD_MODES = ("implicit", "unrolled", "phantom", "jacobian_free")
 
 
 def fixed_point(
@@ -43,6 +44,8 @@ def fixed_point(
     solver_options: Optional[dict[str, Any]] = None,
     backward_solver_options: Optional[dict[str, Any]] = None,
     backward_callback: Optional[Callable[[SolverResult], None]] = None,
+    phantom_steps: int = 5,
+    phantom_damping: float = 0.5,
 ) -> tuple[torch.Tensor, SolverResult]:
     """Solve ``z = f(z)`` and make the solution differentiable with respect to whatever ``f`` uses.
 
@@ -52,17 +55,29 @@ def fixed_point(
     Memory does not grow with the number of iterations. With ``backward="unrolled"`` autograd records every
     iteration of the solver and backpropagates through them all.
 
+    Two cheaper modes approximate the implicit gradient; neither is the exact gradient. Both solve without
+    recording autograd, as the implicit mode does, and then record a few applications of ``f`` from the
+    solution ``z*``, which is held constant. With ``backward="phantom"`` (Geng et al., 2021) autograd records
+    ``k = phantom_steps`` damped steps ``z <- (1 - lam) z + lam f(z)`` (``lam = phantom_damping``) and
+    backpropagates through them. At the fixed point this replaces ``(I - J^T)^{-1}`` by the truncated series
+    ``lam * sum_{i<k} ((1 - lam) I + lam J^T)^i``, whose error shrinks like ``rho((1 - lam) I + lam J)^k``;
+    memory grows as O(k), with the steps and not with the solver's iterations. With
+    ``backward="jacobian_free"`` (Fung et al., 2022) the output is one recorded application ``f(z*)``: the
+    identity replaces ``(I - J^T)^{-1}``, at O(1) memory, and the gradient is that of phantom with ``k = 1``
+    and ``lam = 1``. No setting makes it more accurate; Fung et al. give conditions (a contraction ``f`` whose
+    derivative in the parameters is well conditioned) under which it is still a descent direction.
+
     Parameters
     ----------
     f : callable
         Maps a batch of states (B, ...) to a batch of the same shape, acting on each sample independently. It
         may close over tensors that require gradients (inputs, parameters); they receive gradients.
     z0 : torch.Tensor
-        Initial guess, shape (B, ...). It receives no gradient in implicit mode: the fixed point does not
-        depend on where the search started.
+        Initial guess, shape (B, ...). It receives no gradient in the implicit, phantom and jacobian_free
+        modes: the fixed point does not depend on where the search started.
     solver : {"newton", "forward_iteration", "anderson", "broyden"}
         Forward solver.
-    backward : {"implicit", "unrolled"}
+    backward : {"implicit", "unrolled", "phantom", "jacobian_free"}
         How gradients are computed.
     backward_solver : {"forward_iteration", "newton", "anderson", "broyden", "gmres"}, optional
         Solver for the adjoint fixed point ``g = J^T g + dL/dz*`` (implicit mode); by default the forward
@@ -87,11 +102,17 @@ def fixed_point(
         ``{"restart": 30}`` for GMRES).
     backward_callback : callable, optional
         Called with the :class:`SolverResult` of each adjoint solve.
+    phantom_steps : int
+        Number ``k`` of recorded damped steps in phantom mode (checked in every mode).
+    phantom_damping : float
+        Damping ``lam`` in (0, 1] of the phantom steps (checked in every mode).
 
     Returns
     -------
     z : torch.Tensor
-        The fixed point; in implicit mode it is ``f(z*)``, one application of ``f`` recorded by autograd.
+        The fixed point. When autograd records, it is ``f(z*)`` in the implicit and jacobian_free modes and the
+        last phantom step in phantom mode; under ``torch.no_grad()`` these three modes return the solver's
+        ``z*`` and skip the extra applications of ``f``.
     result : SolverResult
         The forward solver's record.
 
@@ -100,7 +121,9 @@ def fixed_point(
     UnsupportedDerivativeError
         When a gradient of the implicit backward pass is differentiated again (a second derivative): this
         route is first order, and the error replaces a wrong number. ``backward="unrolled"`` and
-        :func:`implicit_layers.jax.fixed_point` give exact higher derivatives.
+        :func:`implicit_layers.jax.fixed_point` give exact higher derivatives. The phantom and jacobian_free
+        modes raise nothing here: their gradients are plain autograd through the recorded steps, so
+        differentiating them again gives the exact derivative of that approximate gradient.
 
     Notes
     -----
@@ -110,8 +133,15 @@ def fixed_point(
     convergence, which the warning names.
 
     A sample whose forward or adjoint solve failed (a NaN/Inf step or a singular system, reported by a
-    :class:`~implicit_layers.errors.ConvergenceWarning`) passes a zero gradient on: the implicit function
-    theorem says nothing at a point that is not a fixed point.
+    :class:`~implicit_layers.errors.ConvergenceWarning`) passes a zero gradient on in every mode but unrolled:
+    the implicit function theorem, and the approximations built on it, say nothing at a point that is not a
+    fixed point.
+
+    References
+    ----------
+    Z. Geng, X.-Y. Zhang, S. Bai, Y. Wang and Z. Lin, "On training implicit models", NeurIPS 2021.
+    S. W. Fung, H. Heaton, Q. Li, D. McKenzie, S. Osher and W. Yin, "JFB: Jacobian-free backpropagation for
+    implicit networks", AAAI 2022.
     """
     forward_options, derivative = check_fixed_point_options(
         SOLVERS,
@@ -128,14 +158,27 @@ def fixed_point(
         warn=warn,
         solver_options=solver_options,
         backward_solver_options=backward_solver_options,
+        phantom_steps=phantom_steps,
+        phantom_damping=phantom_damping,
     )
     if backward == "unrolled":
         return SOLVERS[solver](f, z0, **forward_options)
 
     with torch.no_grad():
         z_star, result = SOLVERS[solver](f, z0, **forward_options)
+    # A solver that takes no step hands z0 itself back, which may require gradients.
+    z_star = z_star.detach()
     if not torch.is_grad_enabled():
         return z_star, result
+    if backward in ("phantom", "jacobian_free"):
+        if backward == "jacobian_free":
+            z = f(z_star)
+        else:
+            z, damping = z_star, derivative["phantom_damping"]
+            for _ in range(derivative["phantom_steps"]):
+                z = (1 - damping) * z + damping * f(z)
+        # Failed samples keep their values and lose their gradient, as in implicit mode.
+        return torch.where(per_sample(result.failed, z), z.detach(), z), result
 
     # One recorded application of f connects the solution to everything f uses; the hook then replaces the
     # gradient flowing into it by the solution of the adjoint fixed point.
@@ -217,7 +260,7 @@ class FixedPointLayer(nn.Module):
         on each sample independently. Its parameters are the layer's parameters.
     solver, backward, backward_solver, tol, max_iter, backward_tol, backward_max_iter, strict, warn
         As in :func:`fixed_point`.
-    solver_options, backward_solver_options
+    solver_options, backward_solver_options, phantom_steps, phantom_damping
         As in :func:`fixed_point`.
 
     Attributes
@@ -258,6 +301,8 @@ class FixedPointLayer(nn.Module):
         warn: bool = True,
         solver_options: Optional[dict[str, Any]] = None,
         backward_solver_options: Optional[dict[str, Any]] = None,
+        phantom_steps: int = 5,
+        phantom_damping: float = 0.5,
     ) -> None:
         super().__init__()
         self.f = f
@@ -273,6 +318,8 @@ class FixedPointLayer(nn.Module):
             warn=warn,
             solver_options=solver_options,
             backward_solver_options=backward_solver_options,
+            phantom_steps=phantom_steps,
+            phantom_damping=phantom_damping,
         )
         check_fixed_point_options(SOLVERS, BACKWARD_MODES, BACKWARD_SOLVERS, **self.options)
         self.last_result: Optional[SolverResult] = None
