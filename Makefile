@@ -45,7 +45,7 @@ $(STAMP): requirements.txt code/pyproject.toml
 # The benchmarks compare our solvers with torchdeq, jaxopt, optimistix, torchdiffeq, torchode, diffrax,
 # qpth, proxsuite, cvxpylayers and qpax, which install into an environment of their own, never into the book's.
 # qpth goes in on its own, without its dependencies (see benchmarks/requirements.txt for why). BENCH_ARGS passes
-# options on to all three scripts, for example BENCH_ARGS=--quick.
+# options on to all four scripts, for example BENCH_ARGS=--quick.
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
@@ -74,6 +74,7 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/fixed_point.py $(BENCH_ARGS)
 	$(BENCH_PY) benchmarks/ode.py $(BENCH_ARGS)
 	$(BENCH_PY) benchmarks/qp.py $(BENCH_ARGS)
+	$(BENCH_PY) benchmarks/deq.py $(BENCH_ARGS)
 
 serve:
 	@test -f $(OUTPUT)/_build/html/index.html || { echo "No site in $(OUTPUT)/_build/html: run 'make book' first." >&2; exit 1; }
