@@ -29,6 +29,10 @@ METHOD_COLORS = {
     "ode_net": "#1f77b4",
     "augmented_ode_net": "#2ca02c",
     "kinetic_energy": "#9467bd",  # an ODE-net trained with the kinetic-energy regularizer
+    # approximate gradients of a deep equilibrium model (Chapter 3), beside "implicit", the exact one
+    "phantom": "#9467bd",
+    "jacobian_free": "#8c564b",
+    "jacobian_penalty": "#2ca02c",  # a DEQ trained with the Jacobian regularizer
 }
 """Colors keyed by method name (solvers, gradient methods, data splits, models)."""
 
