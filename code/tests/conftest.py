@@ -2,10 +2,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from filelock import FileLock
+
+from implicit_layers.datasets import CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,6 +31,20 @@ def tanh_problem(batch=5, n=8, scale=0.5, dtype=torch.float64, device="cpu", see
 @pytest.fixture
 def problem():
     return tanh_problem()
+
+
+def write_tiny_cifar10(folder: Path, train_per_file: int, test_count: int) -> dict:
+    """Write the six binary CIFAR-10 files with random records (a label byte, then 3,072 pixel bytes, the red
+    plane first) into ``folder``; return each file's (labels, pixels)."""
+    rng = np.random.default_rng(0)
+    contents = {}
+    for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE):
+        count = test_count if name == CIFAR10_TEST_FILE else train_per_file
+        labels, pixels = rng.integers(0, 10, count), rng.integers(0, 256, (count, 3, 32, 32))
+        records = np.concatenate([labels[:, None], pixels.reshape(count, -1)], axis=1).astype(np.uint8)
+        (folder / name).write_bytes(records.tobytes())
+        contents[name] = labels, pixels
+    return contents
 
 
 def book_config() -> dict:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from conftest import REPO, book_config
+from conftest import REPO, book_config, write_tiny_cifar10
 
 PLACEHOLDER = "@REPOSITORY_URL@"
 COMMIT_PLACEHOLDER = "@REPOSITORY_COMMIT@"
@@ -75,11 +75,16 @@ def test_chapter_starts_with_hidden_colab_setup_cell(docname):
 
 
 @pytest.mark.parametrize("docname", CHAPTERS)
-def test_chapter_executes_in_quick_mode(docname, monkeypatch):
+def test_chapter_executes_in_quick_mode(docname, monkeypatch, tmp_path):
     path = REPO / f"{docname}.md"
     # The kernel inherits this process's environment: small sizes, offline data.
     monkeypatch.setenv("BOOK_QUICK", "1")
     monkeypatch.delenv("BOOK_MNIST", raising=False)
+    # Chapter 3's opt-in CIFAR-10 training runs too, for one epoch of one batch of random images in the
+    # binary format (26 per training file: 130 images, a batch of 128).
+    write_tiny_cifar10(tmp_path, train_per_file=26, test_count=8)
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
+    monkeypatch.setenv("CIFAR10_EPOCHS", "1")
     nb = jupytext.read(path)
     client = NotebookClient(
         nb,

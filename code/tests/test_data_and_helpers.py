@@ -4,10 +4,10 @@ import struct
 import numpy as np
 import pytest
 
+from conftest import write_tiny_cifar10
 from implicit_layers.config import quick_mode
 from implicit_layers.datasets import (
     CIFAR10_TEST_FILE,
-    CIFAR10_TRAIN_FILES,
     MNIST_FILES,
     load_cifar10,
     load_digits,
@@ -81,17 +81,8 @@ def test_mnist_rejects_corrupt_files(tiny_mnist):
 
 @pytest.fixture
 def tiny_cifar10(tmp_path):
-    """The six binary CIFAR-10 files with 2 records each (3 in the test file): a label byte, then 3,072 pixel
-    bytes, the red plane first."""
-    rng = np.random.default_rng(0)
-    contents = {}
-    for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE):
-        count = 3 if name == CIFAR10_TEST_FILE else 2
-        labels, pixels = rng.integers(0, 10, count), rng.integers(0, 256, (count, 3, 32, 32))
-        records = np.concatenate([labels[:, None], pixels.reshape(count, -1)], axis=1).astype(np.uint8)
-        (tmp_path / name).write_bytes(records.tobytes())
-        contents[name] = labels, pixels
-    return tmp_path, contents
+    """The six binary CIFAR-10 files with 2 records each (3 in the test file)."""
+    return tmp_path, write_tiny_cifar10(tmp_path, train_per_file=2, test_count=3)
 
 
 def test_cifar10_reads_local_binary_files(tiny_cifar10):
