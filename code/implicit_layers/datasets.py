@@ -1,7 +1,8 @@
 """Data sets for the chapters, as NumPy arrays, offline by default.
 
 The digits of scikit-learn ship with the package and need no network. MNIST is read from a local folder and
-downloaded only when the caller opts in with ``download=True``. CIFAR-10 is read from a local folder only.
+downloaded only when the caller opts in with ``download=True``. CIFAR-10 is read from a local folder only. The 2-D
+densities that continuous normalizing flows learn are generated, from a seed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ CIFAR10_TRAIN_FILES = tuple(f"data_batch_{k}.bin" for k in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch.bin"
 # A record of the binary CIFAR-10 files is a label byte, then the red, green and blue 32x32 planes row by row.
 CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32
+DENSITIES_2D = ("two_moons", "rings", "checkerboard", "eight_gaussians", "pinwheel")
 MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
     "y_train": "train-labels-idx1-ubyte.gz",
@@ -64,6 +66,70 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     x = (images / 16.0).astype(np.float32)
     y = labels.astype(np.int64)
     return Split(x[train], y[train], x[test], y[test])
+
+
+def sample_density_2d(name: str, n: int, *, seed: int = 0) -> np.ndarray:
+    """Draw ``n`` points of one of the 2-D densities in ``DENSITIES_2D``, the same points for the same arguments.
+
+    Each is centred near the origin with a spread of order one, the scale a standard normal base distribution
+    suits.
+
+    - ``"two_moons"``: two interleaved half circles of radius 1, Gaussian noise of standard deviation 0.1.
+    - ``"rings"``: three concentric circles of radii 0.75, 1.5 and 2.25, points in proportion to their length,
+      radial noise of standard deviation 0.08.
+    - ``"checkerboard"``: uniform on the eight dark squares of a 4 x 4 board covering [-2, 2]^2.
+    - ``"eight_gaussians"``: an equal mixture of eight Gaussians of standard deviation 0.15 centred on a circle of
+      radius 2.
+    - ``"pinwheel"``: five arms, each a Gaussian blob stretched along the radius and bent by a rotation that grows
+      with the distance from the centre.
+
+    Parameters
+    ----------
+    name : str
+        One of ``DENSITIES_2D``.
+    n : int
+        Number of points, at least 1.
+    seed : int
+        Seed of the NumPy generator that draws them.
+
+    Returns
+    -------
+    np.ndarray
+        Shape (n, 2), float64.
+    """
+    if name not in DENSITIES_2D:
+        raise ValueError(f"name must be one of {DENSITIES_2D}, got {name!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(seed)
+    if name == "two_moons":
+        angle = np.pi * rng.random(n)
+        lower = rng.random(n) < 0.5
+        # The lower moon is the upper one turned half a circle and shifted by (1, -0.5); the pair is then centred.
+        x = np.where(lower, 1.0 - np.cos(angle), np.cos(angle)) - 0.5
+        y = np.where(lower, 0.5 - np.sin(angle), np.sin(angle)) - 0.25
+        points = np.stack([x, y], axis=1) + 0.1 * rng.standard_normal((n, 2))
+    elif name == "rings":
+        radii = np.array([0.75, 1.5, 2.25])
+        radius = rng.choice(radii, size=n, p=radii / radii.sum()) + 0.08 * rng.standard_normal(n)
+        angle = 2.0 * np.pi * rng.random(n)
+        points = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    elif name == "checkerboard":
+        # The dark squares are those whose corner (i, j) in {-2, -1, 0, 1}^2 has an even i + j.
+        corners = np.array([(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0], dtype=float)
+        points = corners[rng.integers(len(corners), size=n)] + rng.random((n, 2))
+    elif name == "eight_gaussians":
+        angle = 2.0 * np.pi * rng.integers(8, size=n) / 8.0
+        centres = 2.0 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        points = centres + 0.15 * rng.standard_normal((n, 2))
+    else:
+        arm = rng.integers(5, size=n)
+        radial = 1.0 + 0.3 * rng.standard_normal(n)
+        tangential = 0.08 * rng.standard_normal(n)
+        angle = 2.0 * np.pi * arm / 5.0 + 0.25 * np.exp(radial)
+        cos, sin = np.cos(angle), np.sin(angle)
+        points = 1.5 * np.stack([cos * radial - sin * tangential, sin * radial + cos * tangential], axis=1)
+    return points.astype(np.float64)
 
 
 def load_mnist(root: str | Path, download: bool = False, base_url: str = MNIST_BASE_URL) -> Split:

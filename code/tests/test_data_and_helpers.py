@@ -8,10 +8,12 @@ from conftest import write_tiny_cifar10
 from implicit_layers.config import quick_mode
 from implicit_layers.datasets import (
     CIFAR10_TEST_FILE,
+    DENSITIES_2D,
     MNIST_FILES,
     load_cifar10,
     load_digits,
     load_mnist,
+    sample_density_2d,
 )
 
 
@@ -119,6 +121,53 @@ def test_cifar10_rejects_truncated_and_foreign_files(tiny_cifar10):
     (root / CIFAR10_TEST_FILE).write_bytes(bytes([10]) + whole[1:])
     with pytest.raises(ValueError, match="label 10 outside 0-9"):
         load_cifar10(root)
+
+
+def test_densities_2d_are_reproducible_and_centred():
+    for name in DENSITIES_2D:
+        points = sample_density_2d(name, 2000, seed=3)
+        assert points.shape == (2000, 2) and points.dtype == np.float64
+        np.testing.assert_array_equal(points, sample_density_2d(name, 2000, seed=3))
+        assert not np.array_equal(points, sample_density_2d(name, 2000, seed=4))
+        assert np.all(np.abs(points.mean(axis=0)) < 0.15), name
+        assert np.all((0.3 < points.std(axis=0)) & (points.std(axis=0) < 2.0)), name
+
+
+def test_densities_2d_have_their_shapes():
+    rings = np.linalg.norm(sample_density_2d("rings", 3000), axis=1)
+    assert np.all(np.abs(rings[:, None] - np.array([0.75, 1.5, 2.25])).min(axis=1) < 0.5)
+    # Points fall on the rings in proportion to their lengths, 1 : 2 : 3.
+    nearest = np.abs(rings[:, None] - np.array([0.75, 1.5, 2.25])).argmin(axis=1)
+    np.testing.assert_allclose(np.bincount(nearest) / 3000, [1 / 6, 2 / 6, 3 / 6], atol=0.03)
+
+    board = sample_density_2d("checkerboard", 3000)
+    assert np.all(np.abs(board) <= 2.0)
+    assert np.all(np.floor(board).sum(axis=1) % 2 == 0)
+
+    mixture = sample_density_2d("eight_gaussians", 3000)
+    angles = 2 * np.pi * np.arange(8) / 8
+    centres = 2.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    distance = np.linalg.norm(mixture[:, None, :] - centres[None], axis=2)
+    assert np.all(distance.min(axis=1) < 0.9)
+    np.testing.assert_allclose(np.bincount(distance.argmin(axis=1)) / 3000, np.full(8, 1 / 8), atol=0.03)
+
+    # Without noise each moon is a unit half circle: the centred points lie within noise of one of them.
+    moons = sample_density_2d("two_moons", 3000) + np.array([0.5, 0.25])
+    upper = np.abs(np.linalg.norm(moons, axis=1) - 1)
+    lower = np.abs(np.linalg.norm(moons - np.array([1.0, 0.5]), axis=1) - 1)
+    assert np.all(np.minimum(upper, lower) < 0.5)
+    assert np.median(np.minimum(upper, lower)) < 0.1
+
+    pinwheel = sample_density_2d("pinwheel", 3000)
+    assert 1.0 < np.median(np.linalg.norm(pinwheel, axis=1)) < 2.0
+
+
+def test_densities_2d_name_their_bad_arguments():
+    with pytest.raises(ValueError, match="name must be one of.*'spiral'"):
+        sample_density_2d("spiral", 10)
+    for n in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            sample_density_2d("rings", n)
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("TRUE", True), ("yes", True), ("0", False), ("", False)])
