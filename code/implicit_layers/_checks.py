@@ -354,3 +354,79 @@ def check_conv_cell_sizes(*, channels: Any, inner_channels: Any, groups: Any) ->
             )
         sizes.append(value)
     return sizes[0], sizes[1], groups
+
+
+HUTCHINSON_PROBE_KINDS = ("rademacher", "gaussian")
+"""The distributions of Hutchinson's probe ``e``: both have ``E[e e^T] = I``, which makes ``e^T A e`` unbiased for
+``trace(A)``; Rademacher signs give the smaller variance (no diagonal term)."""
+
+
+def check_probe_kind(kind: Any) -> str:
+    """Raise unless ``kind`` names a probe distribution in ``HUTCHINSON_PROBE_KINDS``; return it."""
+    check_choice("kind", kind, HUTCHINSON_PROBE_KINDS)
+    return kind
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """Return ``value`` as a float; raise unless it is a non-negative finite number (a regularizer's weight,
+    where zero switches the term off)."""
+    if not _real(value) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+def check_time_span(t0: Any, t1: Any) -> tuple[float, float]:
+    """Return the ends of a flow's time interval as floats; raise unless both are finite numbers and differ.
+    Either order is allowed: the flow carries base samples from ``t0`` to data at ``t1``."""
+    for name, value in (("t0", t0), ("t1", t1)):
+        if not _real(value) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if t0 == t1:
+        raise ValueError(f"t0 and t1 must differ: the flow from t0={t0!r} to t1={t1!r} is the identity")
+    return float(t0), float(t1)
+
+
+def check_flat_state_shape(name: str, shape: tuple) -> None:
+    """Raise unless ``shape`` is (B, D) with D >= 1: the flat states of a continuous normalizing flow, one row
+    per sample (B may be 0)."""
+    if len(shape) != 2:
+        if len(shape) > 2:
+            hint = f"; flatten each sample first: {name}.reshape(len({name}), -1)"
+        else:
+            hint = f"; for a single sample add the batch dimension: {name}[None]"
+        raise ValueError(f"{name} must have shape (B, D), one flat state per row, got shape {tuple(shape)}{hint}")
+    if shape[1] == 0:
+        raise ValueError(f"{name} has samples with no elements (shape {tuple(shape)})")
+
+
+def check_probe_shape(shape: tuple, state_shape: tuple, *, state: str = "y") -> None:
+    """Raise unless the probe's ``shape`` equals that of the states ``state`` it probes (one probe per sample)."""
+    if tuple(shape) != tuple(state_shape):
+        raise ValueError(
+            f"probe must have the shape of {state}, one probe vector per sample: {state} has shape "
+            f"{tuple(state_shape)}, probe has shape {tuple(shape)}"
+        )
+
+
+def check_sigma_min(value: Any) -> float:
+    """Return ``value`` as a float; raise unless it lies in [0, 1): the noise scale that the flow-matching path
+    keeps at t = 1 (at 1 the path would not move)."""
+    if not _real(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"sigma_min must lie in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_flow_matching_shapes(x0: tuple, x1: tuple, t: tuple) -> None:
+    """Raise unless base samples ``x0`` and data ``x1`` share one shape (B, D) and the times ``t`` have shape
+    (B,): one time per pair."""
+    check_flat_state_shape("x0", x0)
+    check_flat_state_shape("x1", x1)
+    if tuple(x0) != tuple(x1):
+        raise ValueError(
+            f"x0 and x1 must have the same shape (B, D), one base sample per data point: x0 has shape "
+            f"{tuple(x0)}, x1 has shape {tuple(x1)}"
+        )
+    if tuple(t) != (x0[0],):
+        raise ValueError(
+            f"t must have shape (B,) = ({x0[0]},), one time per pair of x0 and x1, got shape {tuple(t)}"
+        )
