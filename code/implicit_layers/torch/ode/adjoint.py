@@ -48,8 +48,10 @@ def check_params_cover_field(field, y0, t0, params) -> None:
     other leaf that requires grad.
     """
     y = y0.detach().requires_grad_(True)
-    # Only the graph's structure is read, so the probe saves no tensors for a backward pass that never runs.
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda tensor: None, lambda nothing: nothing):
+    # Only the graph's structure is read, and the probe is freed on return, so its saved tensors are hidden from
+    # any outer hooks (autograd_graph_bytes would count them as held). They are still saved, not dropped: a
+    # field may differentiate inside itself (a CNF's Hutchinson divergence does) and needs them at once.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
         value = field(t0.expand(y0.shape[0]), y)
     covered_leaves = {id(param) for param in params if param.is_leaf} | {id(y)}
     covered_nodes = {param.grad_fn for param in params if not param.is_leaf}
