@@ -177,16 +177,16 @@ def test_nonlinear_flow_likelihood_matches_the_discrete_change_of_variables():
 
 
 def test_sampling_inverts_the_likelihood():
-    f, z = TimeField(dim=2, seed=6), points(batch=6, dim=2, seed=7)
-    options = dict(rtol=1e-10, atol=1e-10)
+    f, z = TimeField(dim=2, seed=6), points(batch=4, dim=2, seed=7)
+    options = dict(rtol=1e-8, atol=1e-8)
     with torch.no_grad():
         x, sample_log_prob, _ = cnf_sample(f, z, **options)
         log_prob, _, _ = cnf_log_likelihood(f, x, **options)
         # The same flow run from t1 = 1 back to t0 = 0 takes x back to z.
         back, _, _ = cnf_sample(f, x, t0=1.0, t1=0.0, **options)
     assert not x.requires_grad and not sample_log_prob.requires_grad
-    torch.testing.assert_close(log_prob, sample_log_prob, rtol=0, atol=1e-8)
-    torch.testing.assert_close(back, z, rtol=0, atol=1e-8)
+    torch.testing.assert_close(log_prob, sample_log_prob, rtol=0, atol=1e-6)
+    torch.testing.assert_close(back, z, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_probe", [False, True], ids=["exact", "hutchinson"])
@@ -196,12 +196,15 @@ def test_every_gradient_mode_gives_the_same_parameter_gradient(with_probe):
     gradients = {}
     for gradient in ("backprop", "checkpoint", "adjoint"):
         log_prob, regularization, _ = cnf_log_likelihood(
-            f, x, probe=probe, kinetic=0.5, frobenius=0.5, gradient=gradient, rtol=1e-9, atol=1e-9
+            f, x, probe=probe, kinetic=0.5, frobenius=0.5, gradient=gradient, rtol=1e-6, atol=1e-6
         )
         gradients[gradient] = torch.autograd.grad((log_prob - regularization).sum(), list(f.parameters()))
-    for gradient in ("checkpoint", "adjoint"):
-        for reference, other in zip(gradients["backprop"], gradients[gradient]):
-            torch.testing.assert_close(other, reference, rtol=1e-6, atol=1e-7)
+    # Checkpointing recomputes the same operations; the adjoint differentiates the exact flow, within the
+    # tolerance of the discrete one (a relative 2e-4 here).
+    for reference, other in zip(gradients["backprop"], gradients["checkpoint"]):
+        torch.testing.assert_close(other, reference, rtol=1e-12, atol=1e-13)
+    for reference, other in zip(gradients["backprop"], gradients["adjoint"]):
+        torch.testing.assert_close(other, reference, rtol=2e-3, atol=1e-5)
 
 
 def test_log_likelihood_gradcheck_with_a_fixed_step_method():
@@ -287,7 +290,8 @@ def identity(t, y):
         (lambda: divergence(identity, T[:2], Y), ValueError, "t must be one number or have shape \\(B,\\) = \\(4,\\)"),
         (lambda: divergence(lambda t, y: y[:, :2], T, Y), ValueError, "f\\(t, y\\) must return a tensor of y's shape"),
         (lambda: hutchinson_probe(Y, kind="uniform"), ValueError, "unknown kind 'uniform'"),
-        (lambda: hutchinson_probe([1.0]), TypeError, "like must be a floating-point torch.Tensor"),
+        (lambda: hutchinson_probe([1.0]), TypeError, "like must be a torch.Tensor"),
+        (lambda: hutchinson_probe(torch.ones(2, 2, dtype=torch.int64)), TypeError, "like must have a floating-point"),
         (lambda: cnf_dynamics(identity, kinetic=-1.0), ValueError, "kinetic must be a non-negative finite number"),
         (lambda: cnf_dynamics(identity, frobenius=math.nan), ValueError, "frobenius must be a non-negative"),
         (lambda: cnf_log_likelihood(identity, Y, frobenius=-0.1), ValueError, "frobenius must be a non-negative"),
@@ -296,7 +300,12 @@ def identity(t, y):
         (lambda: cnf_log_likelihood(identity, Y[None]), ValueError, "x must have shape \\(B, D\\).*flatten"),
         (lambda: cnf_sample(identity, Y[0]), ValueError, "z must have shape \\(B, D\\).*z\\[None\\]"),
         (lambda: cnf_log_likelihood(identity, Y, probe=torch.ones(4, 2, dtype=DTYPE)), ValueError,
-         "probe must have the shape of y"),
+         "probe must have the shape of x"),
+        (lambda: cnf_sample(identity, Y, probe=torch.ones(4, 3)), ValueError, "probe must have z's dtype"),
+        (lambda: cnf_dynamics(identity, torch.ones(4, 2, dtype=DTYPE))(T, torch.ones(4, 5, dtype=DTYPE)), ValueError,
+         "probe must have the shape of y = state\\[:, :-2\\]"),
+        (lambda: cnf_log_likelihood(identity, Y * math.nan), ValueError, "x contains NaN or Inf"),
+        (lambda: cnf_log_likelihood(identity, Y.long()), TypeError, "x must have a floating-point dtype"),
         (lambda: cnf_log_likelihood(identity, Y, method="rk5"), ValueError, "unknown method 'rk5'"),
         (lambda: cnf_log_likelihood(identity, Y, base_log_prob=lambda z: z), ValueError,
          "base_log_prob\\(z\\) must return a tensor of shape \\(B,\\)"),

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_state_shape
+from .._checks import check_flat_state_shape, check_probe_shape, check_state_shape
 
 
 def check_batched_state(name: str, value: Any) -> None:
@@ -49,3 +49,32 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the solvers' small linear algebra and residual norms for states of ``dtype``: float32 for
     the 16-bit formats (whose 8 or 11 significant bits cannot carry a least-squares solve), else ``dtype``."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_floating_tensor(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a floating-point tensor. Reads no value, so it costs no host synchronization."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+
+
+def check_flat_states(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a floating-point tensor of shape (B, D) with D >= 1: the flat states of a
+    continuous normalizing flow. Reads no value, so it may run inside an ODE solver's field."""
+    check_floating_tensor(name, value)
+    check_flat_state_shape(name, tuple(value.shape))
+
+
+def check_probe(probe: Any, states: torch.Tensor, *, name: str) -> None:
+    """Raise unless ``probe`` is a tensor of the shape, dtype and device of ``states`` (called ``name``): one
+    Hutchinson probe vector per sample."""
+    if not isinstance(probe, torch.Tensor):
+        raise TypeError(f"probe must be a torch.Tensor or None, got {type(probe).__name__}")
+    check_probe_shape(tuple(probe.shape), tuple(states.shape), state=name)
+    for attribute in ("dtype", "device"):
+        if getattr(probe, attribute) != getattr(states, attribute):
+            raise ValueError(
+                f"probe must have {name}'s {attribute}: {name} has {attribute} {getattr(states, attribute)}, "
+                f"probe has {getattr(probe, attribute)}"
+            )

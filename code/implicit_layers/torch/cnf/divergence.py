@@ -7,7 +7,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..._checks import check_flat_state_shape, check_probe_kind, check_probe_shape
+from ..._checks import check_probe_kind
+from .._validation import check_flat_states, check_floating_tensor, check_probe
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``f(t, y)``: a vector field on flat states, ``t`` of shape (B,) and ``y`` of shape (B, D), returning (B, D)."""
@@ -38,8 +39,7 @@ def hutchinson_probe(
     torch.Tensor
         A tensor of ``like``'s shape, dtype and device that does not require grad.
     """
-    if not isinstance(like, torch.Tensor) or not like.is_floating_point():
-        raise TypeError(f"like must be a floating-point torch.Tensor, got {_describe(like)}")
+    check_floating_tensor("like", like)
     check_probe_kind(kind)
     if kind == "gaussian":
         return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -88,19 +88,10 @@ def divergence(
     recording, they carry a graph, so ``div`` and ``frobenius`` can enter a training loss. No value is read
     back to the host, so the call can run inside an ODE solver's field.
     """
-    if not isinstance(y, torch.Tensor) or not y.is_floating_point():
-        raise TypeError(f"y must be a floating-point torch.Tensor, got {_describe(y)}")
-    check_flat_state_shape("y", tuple(y.shape))
+    check_flat_states("y", y)
     t = _batch_times(t, y)
     if probe is not None:
-        if not isinstance(probe, torch.Tensor):
-            raise TypeError(f"probe must be a torch.Tensor or None, got {_describe(probe)}")
-        check_probe_shape(tuple(probe.shape), tuple(y.shape))
-        if probe.dtype != y.dtype or probe.device != y.device:
-            raise ValueError(
-                f"probe must have y's dtype and device: y has {y.dtype} on {y.device}, probe has {probe.dtype} "
-                f"on {probe.device}"
-            )
+        check_probe(probe, y, name="y")
     return field_divergence(f, t, y, probe)
 
 
@@ -168,16 +159,10 @@ def _batch_times(t, y: torch.Tensor) -> torch.Tensor:
     """``t`` as a tensor of shape (B,) with ``y``'s dtype and device: one number is shared by the batch."""
     if not isinstance(t, torch.Tensor):
         if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise TypeError(f"t must be a number or a torch.Tensor of shape (B,), got {_describe(t)}")
-        t = torch.tensor(float(t), dtype=y.dtype, device=y.device)
+            raise TypeError(f"t must be a number or a torch.Tensor of shape (B,), got {type(t).__name__}")
+        t = torch.tensor(float(t))
     if t.ndim == 0:
-        return t.to(dtype=y.dtype, device=y.device).expand(y.shape[0])
+        t = t.expand(y.shape[0])
     if tuple(t.shape) != (y.shape[0],):
         raise ValueError(f"t must be one number or have shape (B,) = ({y.shape[0]},), got shape {tuple(t.shape)}")
-    return t
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of dtype {value.dtype}"
-    return type(value).__name__
+    return t.to(dtype=y.dtype, device=y.device)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..._checks import check_flat_state_shape, check_nonnegative, check_probe_shape, check_time_span
+from .._validation import check_batched_state, check_flat_states, check_floating_tensor, check_probe
 from ..ode import ODEResult, odeint
 from .divergence import Field, field_divergence
 from .regularizers import kinetic_energy
@@ -49,8 +50,7 @@ def cnf_dynamics(
     kinetic = check_nonnegative("kinetic", kinetic)
     frobenius = check_nonnegative("frobenius", frobenius)
     if probe is not None:
-        if not isinstance(probe, torch.Tensor) or not probe.is_floating_point():
-            raise TypeError(f"probe must be a floating-point torch.Tensor or None, got {type(probe).__name__}")
+        check_floating_tensor("probe", probe)
         check_flat_state_shape("probe", tuple(probe.shape))
 
     def augmented_field(t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -86,9 +86,7 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``-|z|^2 / 2 - D log(2 pi) / 2`` per row, shape (B,).
     """
-    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-        raise TypeError(f"z must be a floating-point torch.Tensor, got {type(z).__name__}")
-    check_flat_state_shape("z", tuple(z.shape))
+    check_flat_states("z", z)
     return -0.5 * z.pow(2).sum(dim=1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
 
 
@@ -144,7 +142,7 @@ def cnf_log_likelihood(
     result : ODEResult
         What ``odeint`` did, per sample (its ``nfe`` counts evaluations of the augmented field).
     """
-    x = _check_flow_state("x", x)
+    _check_flow_input("x", x, probe)
     t0, t1 = check_time_span(t0, t1)
     dynamics = cnf_dynamics(f, probe, kinetic=kinetic, frobenius=frobenius)
     start = torch.cat([x, x.new_zeros(x.shape[0], 2)], dim=1)
@@ -199,7 +197,7 @@ def cnf_sample(
     result : ODEResult
         What ``odeint`` did, per sample.
     """
-    z = _check_flow_state("z", z)
+    _check_flow_input("z", z, probe)
     t0, t1 = check_time_span(t0, t1)
     dynamics = cnf_dynamics(f, probe)
     start = torch.cat([z, z.new_zeros(z.shape[0], 2)], dim=1)
@@ -209,11 +207,13 @@ def cnf_sample(
     return x, _base_log_prob(base_log_prob, z) + log_density_change, result
 
 
-def _check_flow_state(name: str, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(value).__name__}")
-    check_flat_state_shape(name, tuple(value.shape))
-    return value
+def _check_flow_input(name: str, value: Any, probe: Optional[torch.Tensor]) -> None:
+    """Check the flow's input and its probe once, before the solve, so that errors name them rather than the
+    augmented state that ``odeint`` sees."""
+    check_flat_states(name, value)
+    check_batched_state(name, value)
+    if probe is not None:
+        check_probe(probe, value, name=name)
 
 
 def _with_adjoint_params(f: Field, options: dict) -> dict:

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..._checks import check_flow_matching_shapes, check_sigma_min
+from .._validation import check_floating_tensor
 
 
 def flow_matching_path(
@@ -82,7 +83,6 @@ def flow_matching_loss(
 
 def _check_pairs(x0, x1, t, sigma_min) -> float:
     for name, value in (("x0", x0), ("x1", x1), ("t", t)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(value).__name__}")
+        check_floating_tensor(name, value)
     check_flow_matching_shapes(tuple(x0.shape), tuple(x1.shape), tuple(t.shape))
     return check_sigma_min(sigma_min)
