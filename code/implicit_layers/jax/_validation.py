@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_state_shape
+from .._checks import check_flat_state_shape, check_probe_shape, check_state_shape
 
 
 def is_concrete(value: Any) -> bool:
@@ -60,3 +60,24 @@ def compute_dtype(dtype: Any) -> Any:
     """The dtype of the solvers' small linear algebra and residual norms for states of ``dtype``: float32 for
     the 16-bit formats (whose 8 or 11 significant bits cannot carry a least-squares solve), else ``dtype``."""
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+def check_flat_state(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a floating-point array of shape (B, D), the flat states of a continuous
+    normalizing flow (and, when its values are known, finite)."""
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise TypeError(f"{name} must be a JAX array, got {type(value).__name__}")
+    check_flat_state_shape(name, tuple(value.shape))
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    if not known_to_be_finite(value):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_probe(probe: Any, y: jax.Array, *, state: str = "y") -> None:
+    """Raise unless ``probe`` is an array of the shape and dtype of the states ``y`` it probes (named ``state``)."""
+    if not hasattr(probe, "shape") or not hasattr(probe, "dtype"):
+        raise TypeError(f"probe must be a JAX array or None, got {type(probe).__name__}")
+    check_probe_shape(tuple(probe.shape), tuple(y.shape), state=state)
+    if probe.dtype != y.dtype:
+        raise TypeError(f"probe must have the dtype of {state}: {state} has dtype {y.dtype}, probe has {probe.dtype}")
