@@ -199,7 +199,9 @@ def test_torch_and_jax_mirror_each_other():
 
     shared = {"SOLVERS", "ConvergenceError", "ConvergenceWarning", "SolverResult", "anderson", "batched_jacobian",
               "broyden", "fixed_point", "forward_iteration", "newton", "project_simplex", "soft_topk", "sparsemax",
-              "qp", "QPResult", "QP_STATUSES"}
+              "qp", "QPResult", "QP_STATUSES", "cnf_dynamics", "cnf_log_likelihood", "cnf_sample", "divergence",
+              "flow_matching_loss", "flow_matching_path", "hutchinson_probe", "kinetic_energy",
+              "standard_normal_log_prob"}
     assert shared <= set(ilt.__all__) and shared <= set(ilj.__all__)
     assert set(ilt.SOLVERS) == set(ilj.SOLVERS)
     torch_only = set(ilt.__all__) - set(ilj.__all__)
@@ -222,6 +224,7 @@ def test_torch_and_jax_mirror_file_for_file():
     assert "fixed_points/fixed_point.py" in modules("torch")
     assert "optimization/projections.py" in modules("torch")
     assert "optimization/qp.py" in modules("torch")
+    assert "cnf/flow.py" in modules("torch") and "cnf/flow.py" in modules("jax")
 
 
 def test_derivative_defaults_and_failed_samples():

@@ -1,8 +1,21 @@
 """PyTorch implicit layers. One subpackage per family (``fixed_points``: batched fixed-point solvers and their
-implicit gradients; ``ode``: batched ODE integration; ``optimization``: layers that solve an optimization
-problem, differentiated through its optimality conditions), with every public name also importable from here."""
+implicit gradients; ``ode``: batched ODE integration; ``cnf``: continuous normalizing flows on that integrator,
+with exact and Hutchinson divergences, RNODE regularizers and flow matching; ``optimization``: layers that solve an
+optimization problem, differentiated through its optimality conditions), with every public name also importable
+from here."""
 
 from ..errors import ConvergenceError, ConvergenceWarning, UnsupportedDerivativeError
+from .cnf import (
+    cnf_dynamics,
+    cnf_log_likelihood,
+    cnf_sample,
+    divergence,
+    flow_matching_loss,
+    flow_matching_path,
+    hutchinson_probe,
+    kinetic_energy,
+    standard_normal_log_prob,
+)
 from .fixed_points import (
     BACKWARD_SOLVERS,
     SOLVERS,
@@ -42,12 +55,20 @@ __all__ = [
     "autograd_graph_bytes",
     "batched_jacobian",
     "broyden",
+    "cnf_dynamics",
+    "cnf_log_likelihood",
+    "cnf_sample",
     "default_device",
+    "divergence",
     "fixed_point",
+    "flow_matching_loss",
+    "flow_matching_path",
     "forward_iteration",
     "gmres",
+    "hutchinson_probe",
     "jacobian_frobenius_estimate",
     "jacobian_spectral_norm",
+    "kinetic_energy",
     "monotone_step_size",
     "monotone_weight",
     "newton",
@@ -58,4 +79,5 @@ __all__ = [
     "seed_everything",
     "soft_topk",
     "sparsemax",
+    "standard_normal_log_prob",
 ]
