@@ -317,6 +317,7 @@ def identity(t, y):
         (lambda: flow_matching_path(Y[0], Y[0], T), ValueError, "x0 must have shape \\(B, D\\)"),
         (lambda: flow_matching_path(Y, Y, T, sigma_min=1.0), ValueError, "sigma_min must lie in \\[0, 1\\)"),
         (lambda: flow_matching_loss(lambda t, x: x[:, :1], Y, Y, T), ValueError, "v\\(t, x\\) must return a tensor"),
+        (lambda: flow_matching_loss(identity, Y, Y, T.float()), ValueError, "t must have x0's dtype and device"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(call, error, message):

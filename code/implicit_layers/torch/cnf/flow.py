@@ -150,9 +150,10 @@ def cnf_log_likelihood(
     end = ys[-1]
     z, log_density_change, penalty = end[:, :-2], end[:, -2], end[:, -1]
     # The solve ran from t1 to t0: its log-density change is the integral of div from t0 to t1, and its
-    # penalty the integral of the rate from t1 to t0, which the sign of t1 - t0 turns into one over |dt|.
+    # penalty the integral of the rate from t1 to t0, which the sign of t1 - t0 turns into one over |dt|
+    # (0 - penalty rather than -penalty, so that a zero penalty reads 0 and not -0).
     log_prob = _base_log_prob(base_log_prob, z) - log_density_change
-    regularization = -penalty if t1 > t0 else penalty
+    regularization = 0.0 - penalty if t1 > t0 else penalty
     return log_prob, regularization, result
 
 

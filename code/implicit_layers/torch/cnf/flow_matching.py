@@ -85,4 +85,11 @@ def _check_pairs(x0, x1, t, sigma_min) -> float:
     for name, value in (("x0", x0), ("x1", x1), ("t", t)):
         check_floating_tensor(name, value)
     check_flow_matching_shapes(tuple(x0.shape), tuple(x1.shape), tuple(t.shape))
+    for name, value in (("x1", x1), ("t", t)):
+        # torch would promote a mixed-precision path silently, and the field would then see another dtype.
+        if value.dtype != x0.dtype or value.device != x0.device:
+            raise ValueError(
+                f"{name} must have x0's dtype and device: x0 has {x0.dtype} on {x0.device}, {name} has "
+                f"{value.dtype} on {value.device}"
+            )
     return check_sigma_min(sigma_min)
