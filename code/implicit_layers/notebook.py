@@ -26,11 +26,16 @@ def glue(name: str, value: Any, display: bool = True) -> None:
     name : str
         Key the text refers to.
     value : Any
-        Number, string or figure to record.
+        Number, string or figure to record. A NumPy, PyTorch or JAX scalar is recorded as the Python number it
+        holds: the text the build formats is the value's repr, and ``{glue:text}`name:.3g``` cannot read
+        ``np.float64(0.5)`` or ``tensor(0.5)`` as a number.
     display : bool
         Also show the value as the cell's output.
     """
     from IPython.display import display as show
+
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        value = value.item()
 
     if importlib.util.find_spec("myst_nb") is None:
         if display:

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import write_tiny_cifar10
 from implicit_layers.config import quick_mode
+from implicit_layers.notebook import GLUE_MIME_PREFIX
 from implicit_layers.datasets import (
     CIFAR10_TEST_FILE,
     DENSITIES_2D,
@@ -192,10 +193,20 @@ def test_glue_works_without_myst_nb(monkeypatch, capsys):
     assert capsys.readouterr().out.split() == ["42"]
 
 
+def _array_scalars():
+    import jax.numpy as jnp
+    import torch
+
+    return [(np.float64(0.5), 0.5), (np.int64(7), 7), (np.array(2.5), 2.5), (torch.tensor(0.25), 0.25),
+            (jnp.asarray(1.5), 1.5)]
+
+
 @pytest.mark.parametrize("display", [True, False])
-@pytest.mark.parametrize("value", [42, 3.25e-7, "a string", np.float64(0.5)])
-def test_glue_writes_what_myst_nb_glue_writes(monkeypatch, value, display):
-    """The build reads glued values the way MyST-NB writes them; ours must write the same outputs."""
+@pytest.mark.parametrize("value, plain", [(42, 42), (3.25e-7, 3.25e-7), ("a string", "a string")] + _array_scalars())
+def test_glue_writes_what_myst_nb_glue_writes(monkeypatch, value, plain, display):
+    """The build reads glued values the way MyST-NB writes them; ours must write the same outputs, with array
+    scalars written as the Python numbers they hold (MyST-NB would write their repr, np.float64(0.5), which the
+    build's number formats cannot read)."""
     import IPython.display
     import myst_nb.ext.glue
 
@@ -205,7 +216,9 @@ def test_glue_writes_what_myst_nb_glue_writes(monkeypatch, value, display):
     monkeypatch.setattr(IPython.display, "display", lambda *args, **kwargs: shown.append((args, kwargs)))
     monkeypatch.setattr(myst_nb.ext.glue, "ipy_display", lambda *args, **kwargs: shown.append((args, kwargs)))
     glue("name", value, display=display)
-    myst_nb.ext.glue.glue("name", value, display=display)
+    myst_nb.ext.glue.glue("name", plain, display=display)
     ours, theirs = shown
     assert ours == theirs
     assert ("text/plain" in ours[0][0]) is display
+    if isinstance(plain, float):
+        assert float(ours[0][0][("" if display else GLUE_MIME_PREFIX) + "text/plain"]) == plain
