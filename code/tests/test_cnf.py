@@ -226,7 +226,8 @@ def test_dynamics_pack_field_divergence_and_penalty():
     state = torch.cat([y, torch.randn(4, 2, dtype=DTYPE)], dim=1)
     fy, div, frobenius = divergence(f, t, y)
     value = cnf_dynamics(f, kinetic=2.0, frobenius=3.0)(t, state)
-    torch.testing.assert_close(value, torch.cat([fy, -div[:, None], (2 * fy.pow(2).sum(1) + 3 * frobenius)[:, None]], 1))
+    penalty = 2 * fy.pow(2).sum(dim=1) + 3 * frobenius
+    torch.testing.assert_close(value, torch.cat([fy, -div[:, None], penalty[:, None]], dim=1))
 
 
 def test_custom_base_log_prob():
@@ -284,7 +285,8 @@ def identity(t, y):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: divergence(identity, T, Y, torch.ones(4, 2, dtype=DTYPE)), ValueError, "probe must have the shape of y"),
+        (lambda: divergence(identity, T, Y, torch.ones(4, 2, dtype=DTYPE)), ValueError,
+         "probe must have the shape of y"),
         (lambda: divergence(identity, T, Y, torch.ones(4, 3)), ValueError, "probe must have y's dtype"),
         (lambda: divergence(identity, T, Y[0]), ValueError, "y must have shape \\(B, D\\)"),
         (lambda: divergence(identity, T[:2], Y), ValueError, "t must be one number or have shape \\(B,\\) = \\(4,\\)"),
@@ -305,10 +307,11 @@ def identity(t, y):
         (lambda: cnf_dynamics(identity, torch.ones(4, 2, dtype=DTYPE))(T, torch.ones(4, 5, dtype=DTYPE)), ValueError,
          "probe must have the shape of y = state\\[:, :-2\\]"),
         (lambda: cnf_log_likelihood(identity, Y * math.nan), ValueError, "x contains NaN or Inf"),
+        (lambda: cnf_dynamics(identity)(T, Y[:, :2]), ValueError, "state must have shape \\(B, D \\+ 2\\)"),
         (lambda: cnf_log_likelihood(identity, Y.long()), TypeError, "x must have a floating-point dtype"),
         (lambda: cnf_log_likelihood(identity, Y, method="rk5"), ValueError, "unknown method 'rk5'"),
-        (lambda: cnf_log_likelihood(identity, Y, base_log_prob=lambda z: z), ValueError,
-         "base_log_prob\\(z\\) must return a tensor of shape \\(B,\\)"),
+        (lambda: cnf_log_likelihood(identity, Y, base_log_prob=lambda z: z, method="euler", num_steps=1),
+         ValueError, "base_log_prob\\(z\\) must return a tensor of shape \\(B,\\)"),
         (lambda: cnf_log_likelihood(identity, Y, gradient="adjoint"), ValueError, "pass params="),
         (lambda: standard_normal_log_prob(Y[0]), ValueError, "z must have shape \\(B, D\\)"),
         (lambda: kinetic_energy(Y[0]), ValueError, "fy must have shape \\(B, ...\\)"),

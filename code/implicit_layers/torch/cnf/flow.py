@@ -56,8 +56,7 @@ def cnf_dynamics(
     def augmented_field(t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         if state.ndim != 2 or state.shape[1] < 3:
             raise ValueError(
-                f"the augmented state must have shape (B, D + 2) = [y, logp, reg] with D >= 1, got "
-                f"{tuple(state.shape)}"
+                f"state must have shape (B, D + 2), rows [y, logp, reg] with D >= 1, got {tuple(state.shape)}"
             )
         y = state[:, :-2]
         if probe is not None:
