@@ -326,3 +326,23 @@ def identity(t, y):
 def test_bad_arguments_are_refused_by_name(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+def test_the_augmented_field_reads_nothing_back_to_the_host():
+    """The field odeint evaluates at every stage, exact and Hutchinson, also under the saved-tensor hooks of a
+    checkpointed step, runs with CUDA's synchronization debug mode set to raise."""
+    f = TimeField(dim=2).cuda()
+    y, t = points(batch=8, dim=2).cuda(), torch.rand(8, dtype=DTYPE, device="cuda")
+    state = torch.cat([y, torch.zeros(8, 2, dtype=DTYPE, device="cuda")], dim=1)
+    for probe in (None, hutchinson_probe(y)):
+        field = cnf_dynamics(f, probe, kinetic=1.0, frobenius=1.0)
+        field(t, state)  # first-use allocations
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            field(t, state)
+            with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
+                field(t, state)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
