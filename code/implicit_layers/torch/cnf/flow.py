@@ -35,7 +35,7 @@ def cnf_dynamics(
         depending on that sample alone.
     probe : torch.Tensor, optional
         Hutchinson's probe of shape (B, D), drawn once per solve (see
-        :func:`~.divergence.hutchinson_probe`); ``None`` for the exact divergence.
+        :func:`~implicit_layers.torch.hutchinson_probe`); ``None`` for the exact divergence.
     kinetic, frobenius : float
         Non-negative weights of the penalty's rate ``kinetic * |f|^2 + frobenius * ||df/dy||_F^2`` (the
         Frobenius term estimated with the probe when one is given).

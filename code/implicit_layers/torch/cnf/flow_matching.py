@@ -58,7 +58,7 @@ def flow_matching_loss(
     Its gradient with respect to ``v``'s parameters equals, in expectation, that of the regression on the
     marginal velocity field that carries the base distribution to the data, so minimizing it trains ``v`` as
     the field of a continuous normalizing flow (integrate it from 0 to 1 with
-    :func:`~.flow.cnf_sample`) at the cost of one evaluation of ``v`` per step, with no ODE solve.
+    :func:`~implicit_layers.torch.cnf_sample`) at the cost of one evaluation of ``v`` per step, with no ODE solve.
 
     Parameters
     ----------

@@ -1,5 +1,5 @@
 """Regularizers of a flow's dynamics that make it cheap to solve (RNODE, Finlay et al. 2020). The other one,
-the Jacobian's squared Frobenius norm, is the third output of :func:`~.divergence.divergence`."""
+the Jacobian's squared Frobenius norm, is the third output of :func:`~implicit_layers.torch.divergence`."""
 
 from __future__ import annotations
 
