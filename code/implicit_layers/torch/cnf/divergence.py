@@ -84,8 +84,10 @@ def divergence(
     frobenius : torch.Tensor
         ``||df/dy||_F^2`` per sample, shape (B,), exact or estimated.
 
-    All three are differentiable with respect to ``y`` and to the tensors ``f`` uses: when autograd is
-    recording, they carry a graph, so ``div`` and ``frobenius`` can enter a training loss. No value is read
+    Notes
+    -----
+    All three outputs are differentiable with respect to ``y`` and to the tensors ``f`` uses: when autograd
+    is recording, they carry a graph, so ``div`` and ``frobenius`` can enter a training loss. No value is read
     back to the host, so the call can run inside an ODE solver's field.
     """
     check_flat_states("y", y)
