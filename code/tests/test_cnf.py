@@ -191,14 +191,17 @@ def test_sampling_inverts_the_likelihood():
 
 @pytest.mark.parametrize("with_probe", [False, True], ids=["exact", "hutchinson"])
 def test_every_gradient_mode_gives_the_same_parameter_gradient(with_probe):
-    f, x = TimeField(dim=2, hidden=6, seed=8), points(batch=4, dim=2, seed=9)
+    """Of a loss that uses both directions of the flow: the likelihood with its penalty, and samples with
+    their log-density (the adjoint's params default to the module's parameters in both)."""
+    f, x = TimeField(dim=2, hidden=6, seed=8), points(batch=3, dim=2, seed=9)
     probe = hutchinson_probe(x, generator=torch.Generator().manual_seed(10)) if with_probe else None
     gradients = {}
     for gradient in ("backprop", "checkpoint", "adjoint"):
-        log_prob, regularization, _ = cnf_log_likelihood(
-            f, x, probe=probe, kinetic=0.5, frobenius=0.5, gradient=gradient, rtol=1e-6, atol=1e-6
-        )
-        gradients[gradient] = torch.autograd.grad((log_prob - regularization).sum(), list(f.parameters()))
+        options = dict(probe=probe, gradient=gradient, rtol=1e-6, atol=1e-6)
+        log_prob, regularization, _ = cnf_log_likelihood(f, x, kinetic=0.5, frobenius=0.5, **options)
+        samples, sample_log_prob, _ = cnf_sample(f, x, **options)
+        loss = (log_prob - regularization).sum() + (samples.pow(2).sum(dim=1) + sample_log_prob).sum()
+        gradients[gradient] = torch.autograd.grad(loss, list(f.parameters()))
     # Checkpointing recomputes the same operations; the adjoint differentiates the exact flow, within the
     # tolerance of the discrete one (a relative 2e-4 here).
     for reference, other in zip(gradients["backprop"], gradients["checkpoint"]):
