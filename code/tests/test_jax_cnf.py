@@ -239,11 +239,22 @@ def test_entry_points_compose_with_vmap():
     np.testing.assert_allclose(grouped.ravel(), jax.jit(log_prob)(x, probe), rtol=1e-13)
 
 
-def test_kinetic_energy_and_standard_normal_log_prob():
+def test_augmented_field_kinetic_energy_and_standard_normal_log_prob():
     np.testing.assert_array_equal(ilj.kinetic_energy(jnp.asarray([[3.0, 4.0], [0.0, -1.0]])), [25.0, 1.0])
     z = points(5, 3, seed=14)
     expected = scipy.stats.multivariate_normal(np.zeros(3), np.eye(3)).logpdf(np.asarray(z))
     np.testing.assert_allclose(ilj.standard_normal_log_prob(z), expected, rtol=1e-14)
+    # The augmented field reads y from the state, ignores the log-density and regularizer entries, and
+    # returns [A y, -trace(A), kinetic |A y|^2 + frobenius |A^T e|^2] for the probe e.
+    A = np.asarray([[0.5, -1.0, 0.0], [2.0, 0.3, 1.0], [0.0, 0.2, -0.7]])
+    probe = ilj.hutchinson_probe(z, jax.random.PRNGKey(15))
+    state = jnp.concatenate([z, jnp.full((5, 2), 7.0)], axis=1)
+    g = ilj.cnf_dynamics(linear, probe, kinetic=0.5, frobenius=0.1)(jnp.zeros(5), state, jnp.asarray(A))
+    speed = np.asarray(z) @ A.T
+    np.testing.assert_allclose(g[:, :3], speed, rtol=1e-15)
+    np.testing.assert_allclose(g[:, 3], -np.einsum("bi,ij,bj->b", probe, A, probe), rtol=1e-15)
+    np.testing.assert_allclose(g[:, 4], 0.5 * np.sum(speed**2, axis=1)
+                               + 0.1 * np.sum((np.asarray(probe) @ A) ** 2, axis=1), rtol=1e-14)
 
 
 def test_flow_matching_by_hand():
