@@ -30,12 +30,12 @@ Z_LIMIT = 4.5
 class TimeField(torch.nn.Module):
     """A small MLP field ``f(t, y) = W2 tanh(W1 [y, t] + b1) + b2``: nonlinear in y, time-dependent."""
 
-    def __init__(self, dim=3, hidden=8, seed=0, scale=1.0):
+    def __init__(self, dim=3, hidden=8, seed=0):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.W1 = torch.nn.Parameter(scale * torch.randn(hidden, dim + 1, generator=generator, dtype=DTYPE))
+        self.W1 = torch.nn.Parameter(torch.randn(hidden, dim + 1, generator=generator, dtype=DTYPE))
         self.b1 = torch.nn.Parameter(0.5 * torch.randn(hidden, generator=generator, dtype=DTYPE))
-        self.W2 = torch.nn.Parameter(scale * torch.randn(dim, hidden, generator=generator, dtype=DTYPE) / 2)
+        self.W2 = torch.nn.Parameter(torch.randn(dim, hidden, generator=generator, dtype=DTYPE) / 2)
         self.b2 = torch.nn.Parameter(0.1 * torch.randn(dim, generator=generator, dtype=DTYPE))
 
     def forward(self, t, y):
