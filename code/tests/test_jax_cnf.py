@@ -291,7 +291,7 @@ def test_bad_arguments_are_named():
         ilj.divergence(linear, 0.0, x[None], A)
     with pytest.raises(ValueError, match="probe must have the shape of y"):
         ilj.divergence(linear, 0.0, x, A, jnp.ones((3, 3)))
-    with pytest.raises(TypeError, match="probe must have the dtype of y"):
+    with pytest.raises(ValueError, match="probe must have the dtype of y"):
         ilj.divergence(linear, 0.0, x, A, jnp.ones((3, 2), jnp.float32))
     with pytest.raises(ValueError, match=r"t must be one number or have shape \(B,\)"):
         ilj.divergence(linear, jnp.zeros(4), x, A)
@@ -333,7 +333,7 @@ def test_bad_arguments_are_named():
         ilj.flow_matching_path(x, x[:2], jnp.zeros(3))
     with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(3,\)"):
         ilj.flow_matching_loss(linear, x, x, jnp.zeros((3, 1)), A)
-    with pytest.raises(TypeError, match="t must have the dtype of x0"):
+    with pytest.raises(ValueError, match="t must have the dtype of x0"):
         ilj.flow_matching_path(x, x, jnp.zeros(3, jnp.float32))
     with pytest.raises(ValueError, match=r"v\(t, x, theta\) must return an array of x's shape"):
         ilj.flow_matching_loss(lambda t, x, A: x[:, 0], x, x, jnp.zeros(3), A)

@@ -80,4 +80,4 @@ def check_probe(probe: Any, y: jax.Array, *, state: str = "y") -> None:
         raise TypeError(f"probe must be a JAX array or None, got {type(probe).__name__}")
     check_probe_shape(tuple(probe.shape), tuple(y.shape), state=state)
     if probe.dtype != y.dtype:
-        raise TypeError(f"probe must have the dtype of {state}: {state} has dtype {y.dtype}, probe has {probe.dtype}")
+        raise ValueError(f"probe must have the dtype of {state}: {state} has dtype {y.dtype}, probe has {probe.dtype}")

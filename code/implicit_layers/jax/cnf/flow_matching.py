@@ -93,6 +93,7 @@ def _check_pairs(x0: Any, x1: Any, t: Any, sigma_min: Any) -> float:
         raise TypeError(f"t must be a JAX array of shape (B,), got {type(t).__name__}")
     check_flow_matching_shapes(tuple(x0.shape), tuple(x1.shape), tuple(t.shape))
     for name, value in (("x1", x1), ("t", t)):
+        # A mixed-precision pair would be promoted silently, and the field would then see another dtype.
         if value.dtype != x0.dtype:
-            raise TypeError(f"{name} must have the dtype of x0: x0 has dtype {x0.dtype}, {name} has {value.dtype}")
+            raise ValueError(f"{name} must have the dtype of x0: x0 has dtype {x0.dtype}, {name} has {value.dtype}")
     return sigma_min
