@@ -52,10 +52,10 @@ def cnf_dynamics(
 
     the divergence and the Frobenius term exact or estimated with ``probe`` (see :func:`divergence`). Packing
     the three into one array lets ``odeint`` solve them together, with one step size per sample chosen for all
-    of them. ``g`` closes over the probe, and ``odeint``'s derivative rules for ``gradient="checkpoint"`` and
-    ``"adjoint"`` cannot take a closed-over array that ``jit`` traces: there, pass the probe as an argument of
-    the jitted function only through :func:`cnf_log_likelihood` and :func:`cnf_sample`, which carry it in
-    ``odeint``'s ``theta``.
+    of them. ``g`` closes over the probe, which ``odeint``'s derivative rules for ``gradient="checkpoint"`` and
+    ``"adjoint"`` cannot take when ``jit`` traces it: a probe that is an argument of a jitted function reaches
+    those modes through :func:`cnf_log_likelihood` or :func:`cnf_sample`, which pass it in ``odeint``'s
+    ``theta``.
 
     Parameters
     ----------
