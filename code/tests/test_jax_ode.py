@@ -326,6 +326,21 @@ def test_backprop_keeps_non_array_theta_leaves_and_differentiates_closures():
     np.testing.assert_allclose([value, gradient], [3 * math.exp(-1.5), -9 * math.exp(-1.5)], rtol=1e-7)
 
 
+@pytest.mark.parametrize("gradient", ("checkpoint", "adjoint"))
+def test_custom_gradient_modes_differentiate_traced_closures(gradient):
+    """A field closing over a value traced by jit and grad (like a CNF's probe drawn inside a jitted step) gets
+    that value's derivative in every mode: y' = -k s y, so sum y(1) = 3 exp(-k s) with s = 1.5."""
+    y0 = jnp.array([[1.0], [2.0]])
+
+    def loss(k, scale):
+        ys, _ = ilj.odeint(lambda t, y, scale: -k * scale * y, y0, [0.0, 1.0], scale, method="rk4", num_steps=40,
+                           gradient=gradient)
+        return jnp.sum(ys[-1])
+
+    value, gradients = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(1.0, jnp.array(1.5))
+    np.testing.assert_allclose([value, *gradients], 3 * math.exp(-1.5) * np.array([1.0, -1.5, -1.0]), rtol=1e-7)
+
+
 def test_finished_samples_never_evaluate_f_past_the_end():
     """f = -k y sqrt(1 - t) is NaN past t = 1; the fast sample finishes first and must not step beyond it, or
     its discarded steps would put NaN into the gradient. y(1) = y0 exp(-2k/3)."""

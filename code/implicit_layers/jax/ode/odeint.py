@@ -139,6 +139,7 @@ def odeint(
     sign = jax.lax.stop_gradient(jnp.asarray(sign, dtype=y0.dtype))
     if gradient in ("checkpoint", "adjoint"):
         _check_floating_leaves(theta, gradient)
+        f, theta = _closed_over_into_theta(f, jnp.broadcast_to(t[0], y0.shape[:1]), y0, theta)
 
     tableau = ODE_METHODS[method]
     settings = dict(
@@ -177,6 +178,26 @@ def _check_floating_leaves(theta: Any, gradient: str) -> None:
                 f"theta{jax.tree_util.keystr(path)} must be a floating-point array for gradient={gradient!r}, got "
                 f"{leaf!r}; pass other values to f through a closure"
             )
+
+
+def _closed_over_into_theta(f: Callable, t0: jax.Array, y0: jax.Array, theta: Any):
+    """``f`` and ``theta`` with the traced arrays ``f`` closes over moved into ``theta``.
+
+    The custom derivative rules of ``"checkpoint"`` and ``"adjoint"`` differentiate their explicit arguments only;
+    a traced array in ``f``'s closure (a probe or a parameter of an enclosing ``jit`` or ``grad``) would leak
+    out of them as an escaped tracer. As explicit arguments such arrays get their derivatives, as they do with
+    ``"backprop"`` (which converts its closure the same way). ``jax.closure_convert`` moves the floating-point
+    ones; integer arrays carry no derivative and stay in the closure.
+    """
+    converted, closed_over = jax.closure_convert(f, t0, y0, theta)
+    if not closed_over:
+        return f, theta
+
+    def field(t, y, theta_and_closed_over):
+        own_theta, values = theta_and_closed_over
+        return converted(t, y, own_theta, *values)
+
+    return field, (theta, tuple(closed_over))
 
 
 def _report(name: str, result: ODEResult, t_start: Any, *, max_steps: int, strict: bool) -> None:
