@@ -52,10 +52,8 @@ def cnf_dynamics(
 
     the divergence and the Frobenius term exact or estimated with ``probe`` (see :func:`divergence`). Packing
     the three into one array lets ``odeint`` solve them together, with one step size per sample chosen for all
-    of them. ``g`` closes over the probe, which ``odeint``'s derivative rules for ``gradient="checkpoint"`` and
-    ``"adjoint"`` cannot take when ``jit`` traces it: a probe that is an argument of a jitted function reaches
-    those modes through :func:`cnf_log_likelihood` or :func:`cnf_sample`, which pass it in ``odeint``'s
-    ``theta``.
+    of them. ``g`` closes over the probe, which ``odeint`` accepts in every gradient mode, also when ``jit``
+    traces the probe.
 
     Parameters
     ----------
@@ -207,8 +205,8 @@ def cnf_sample(
 
 
 def _augmented_field(f: Field, kinetic: float, frobenius: float) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
-    """``cnf_dynamics``'s field with the probe read from ``theta = (parameters, probe)``: an argument, not a
-    closure, so that ``odeint``'s checkpoint and adjoint rules can run it under ``jit``."""
+    """``cnf_dynamics``'s field with the probe read from ``theta = (parameters, probe)``, so that the solves of
+    ``cnf_log_likelihood`` and ``cnf_sample`` take it as an explicit input."""
 
     def field(t, state, theta_and_probe):
         theta, probe = theta_and_probe
