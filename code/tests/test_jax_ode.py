@@ -341,6 +341,27 @@ def test_custom_gradient_modes_differentiate_traced_closures(gradient):
     np.testing.assert_allclose([value, *gradients], 3 * math.exp(-1.5) * np.array([1.0, -1.5, -1.0]), rtol=1e-7)
 
 
+@pytest.mark.parametrize("gradient, steps", [("backprop", dict(num_steps=4)), ("checkpoint", dict(dt=0.3))])
+def test_a_fixed_step_solve_runs_only_its_steps_whatever_max_steps(gradient, steps):
+    """A differentiated solve scans (a checkpointed one stores) its loop's length: for rk4 with a known number of
+    steps that is those steps, not the default max_steps of 10,000 (which once asked for 45 GB)."""
+    y0, weight = gradient_inputs()
+
+    def program(max_steps):
+        def loss(y0, weight):
+            ys, _ = ilj.odeint(tanh_field, y0, [0.0, 1.0], weight, method="rk4", gradient=gradient,
+                               max_steps=max_steps, **steps)
+            return jnp.sum(ys[-1] ** 2)
+
+        return jax.grad(loss, argnums=(0, 1))
+
+    needed = 4
+    assert ilj.compiled_memory_bytes(program(10_000), y0, weight) == ilj.compiled_memory_bytes(
+        program(needed), y0, weight)
+    np.testing.assert_allclose(jax.jit(program(10_000))(y0, weight), jax.jit(program(needed))(y0, weight), rtol=0,
+                               atol=0)
+
+
 def test_finished_samples_never_evaluate_f_past_the_end():
     """f = -k y sqrt(1 - t) is NaN past t = 1; the fast sample finishes first and must not step beyond it, or
     its discarded steps would put NaN into the gradient. y(1) = y0 exp(-2k/3)."""

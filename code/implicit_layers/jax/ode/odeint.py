@@ -3,6 +3,7 @@ solution. The twin of :func:`implicit_layers.torch.odeint`."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -77,7 +78,8 @@ def odeint(
     max_steps : int
         Steps (accepted and rejected) each sample may attempt. A solve differentiated with
         ``gradient="backprop"`` runs that many loop steps (idle ones skipped) and ``"checkpoint"`` allocates that
-        many rows of two states, so keep it near need.
+        many rows of two states, so keep an adaptive method's near need; a fixed-step method whose number of
+        steps is known (``num_steps``, or ``dt`` with concrete times) runs only those.
     gradient : str
         ``"backprop"``: autodiff through every operation of the solver (a ``lax.scan`` of ``max_steps``, run
         only when the solve is differentiated; otherwise a loop that stops with the last sample);
@@ -135,6 +137,7 @@ def odeint(
         sign = check_time_grid("t", np.asarray(t, dtype=float))
     else:
         sign = jnp.sign(t[1] - t[0])
+    loop_length = _loop_length(options, ODE_METHODS[method], t)
     t = jax.lax.stop_gradient(jnp.asarray(t, dtype=y0.dtype))
     sign = jax.lax.stop_gradient(jnp.asarray(sign, dtype=y0.dtype))
     if gradient in ("checkpoint", "adjoint"):
@@ -149,7 +152,7 @@ def odeint(
         num_steps=options["num_steps"],
         first_step=options["first_step"],
         shared=step_control == "shared",
-        max_steps=options["max_steps"],
+        max_steps=loop_length,
     )
     grid = sign * t
     report = partial(_report, max_steps=options["max_steps"], strict=strict) if warn or strict else None
@@ -167,6 +170,21 @@ def odeint(
     if report:
         report(method, result, t[0])
     return ys, result
+
+
+def _loop_length(options: dict, tableau, t: jax.Array) -> int:
+    """The steps the solve's loop is given: ``max_steps``, or fewer for a fixed-step method whose number of steps
+    is known before it runs (``num_steps``, or ``dt`` with concrete times). A differentiated solve scans, and a
+    checkpointed one stores, that many steps: rk4 with four steps must not scan ``max_steps = 10_000``."""
+    if tableau.b_low is not None:
+        return options["max_steps"]
+    if options["num_steps"] is not None:
+        return min(options["max_steps"], options["num_steps"])
+    if is_concrete(t):
+        span = abs(float(t[-1]) - float(t[0]))
+        # As fixed_step_edge counts them: no step shorter than a billionth of dt.
+        return min(options["max_steps"], max(1, math.ceil(span / options["dt"] - 1e-9)))
+    return options["max_steps"]
 
 
 def _check_floating_leaves(theta: Any, gradient: str) -> None:
