@@ -65,13 +65,9 @@ def compute_dtype(dtype: Any) -> Any:
 def check_flat_state(name: str, value: Any) -> None:
     """Raise unless ``value`` is a floating-point array of shape (B, D), the flat states of a continuous
     normalizing flow (and, when its values are known, finite)."""
-    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-        raise TypeError(f"{name} must be a JAX array, got {type(value).__name__}")
-    check_flat_state_shape(name, tuple(value.shape))
-    if not jnp.issubdtype(value.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
-    if not known_to_be_finite(value):
-        raise ValueError(f"{name} contains NaN or Inf")
+    if hasattr(value, "shape"):
+        check_flat_state_shape(name, tuple(value.shape))
+    check_batched_state(name, value)
 
 
 def check_probe(probe: Any, y: jax.Array, *, state: str = "y") -> None:
