@@ -25,12 +25,16 @@ from typing import Optional
 import deq_jax
 import deq_torch
 from deq_problem import Case, Problem, Settings, accuracy, make_problem
-from harness import cpu_seconds, machine, others_share, parse_args, time_in_rounds, versions, write_report
+from harness import (
+    Measurement, compile_estimate, cpu_seconds, machine, others_share, parse_args, results_record,
+    time_in_rounds, versions, write_report,
+)
 
 WARMUPS = 2
 """Calls before the timed repeats; the first is timed on its own (for JAX: compilation and one run)."""
 PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "scikit-learn", "torchdeq", "jaxopt", "optimistix",
             "equinox", "lineax")
+TITLE = "A convolutional DEQ's training step: ours beside torchdeq, jaxopt and optimistix"
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,8 @@ def results_table(rows: list[Row]) -> str:
               "| note |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in rows:
-        compile_s = ""
-        if r.case.framework == "jax" and r.first_call_s is not None:
-            compile_s = f"{r.first_call_s - r.median_ms / 1e3:.2f}"
+        compile_s = compile_estimate(r.case.framework, r.first_call_s, r.median_ms)
+        compile_s = "" if compile_s is None else f"{compile_s:.2f}"
         cells = [
             r.case.framework, r.case.library, r.case.method,
             _integer(r.forward_steps), _integer(r.backward_steps) or "n/a",
@@ -104,6 +107,21 @@ def results_table(rows: list[Row]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def measurements(rows: list[Row]) -> list[Measurement]:
+    """The rows for the appendix: one comparison, the whole training step."""
+    def work(r: Row) -> str:
+        if r.forward_steps is None:
+            return ""
+        backward = "" if r.backward_steps is None else f", {r.backward_steps} backward"
+        return f"{r.forward_steps} forward{backward} iterations"
+
+    return [Measurement(
+        task="training step", framework=r.case.framework, library=r.case.library, method=r.case.method,
+        median_ms=r.median_ms, first_call_s=r.first_call_s,
+        compile_s=compile_estimate(r.case.framework, r.first_call_s, r.median_ms), solution_error=r.residual,
+        gradient_error=r.grad_error, work=work(r), note=r.note) for r in rows]
 
 
 def _integer(value: Optional[int]) -> str:
@@ -150,7 +168,7 @@ def report(args, settings: Settings, rows: list[Row], info: dict, profile_text: 
     profile_section = ""
     if profile_text:
         profile_section = f"\n## Where our torch step spends its time (torch.profiler, one step)\n```\n{profile_text}\n```\n"
-    return f"""# A convolutional DEQ's training step: ours beside torchdeq, jaxopt and optimistix
+    return f"""# {TITLE}
 
 `python benchmarks/deq.py {' '.join(sys.argv[1:])}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
 
@@ -214,7 +232,12 @@ def main() -> None:
     slower = "NOT met" in goal(rows)
     profile_text = profile_ours(problem, settings) if slower else ""
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
-    write_report(args.out, report(args, settings, rows, info, profile_text))
+    errors = {"solution": "largest residual ||f(z) - z||_2 over the samples, in float64 at the returned z (the "
+                          "fixed point itself is not compared)",
+              "gradient": "relative error of all parameter gradients as one vector, against a float64 "
+                          "Newton-GMRES reference"}
+    write_report(args.out, report(args, settings, rows, info, profile_text),
+                 results_record("deq", TITLE, args, info, PACKAGES, measurements(rows), errors))
 
 
 if __name__ == "__main__":

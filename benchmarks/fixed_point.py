@@ -22,12 +22,14 @@ import fixed_point_torch
 from fixed_point_torch import METHODS
 from fixed_point_problem import INPUT_SCALE, TASKS, Case, Problem, Settings, accuracy, make_problems
 from harness import (
-    cpu_seconds, machine, others_share, parse_args, our_package, time_in_rounds, versions, write_report,
+    Measurement, compile_estimate, cpu_seconds, machine, others_share, parse_args, our_package, results_record,
+    time_in_rounds, versions, write_report,
 )
 
 WARMUPS = 2
 """Calls before the timed repeats; the first is timed on its own (for JAX: compilation and one run)."""
 PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "torchdeq", "jaxopt", "optimistix", "equinox", "lineax")
+TITLE = "Fixed-point solvers: ours beside torchdeq, jaxopt and optimistix"
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def settings_table(cases: list[Case]) -> str:
 def report(args, settings: Settings, n: int, batch: int, cases: list[Case], rows: list[Row], info: dict) -> str:
     """The whole results file."""
     listing = lambda d: "\n".join(f"- {key}: {value}" for key, value in d.items())  # noqa: E731
-    return f"""# Fixed-point solvers: ours beside torchdeq, jaxopt and optimistix
+    return f"""# {TITLE}
 
 `python benchmarks/fixed_point.py {' '.join(sys.argv[1:])}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
 
@@ -188,6 +190,15 @@ def report(args, settings: Settings, n: int, batch: int, cases: list[Case], rows
 """
 
 
+def measurements(rows: list[Row]) -> list[Measurement]:
+    """The rows for the appendix: each problem and task is one comparison."""
+    return [Measurement(
+        task=f"{r.problem} {r.task}", framework=r.case.framework, library=r.case.library, method=r.case.method,
+        median_ms=r.median_ms, first_call_s=r.first_call_s,
+        compile_s=compile_estimate(r.case.framework, r.first_call_s, r.median_ms), solution_error=r.z_error,
+        gradient_error=r.grad_error, work="" if r.steps is None else f"{r.steps} steps", note=r.note) for r in rows]
+
+
 def _table_order(case: Case) -> tuple:
     """Torch before JAX, then by method, ours first among the libraries with that method."""
     return (case.framework != "torch", METHODS.index(case.method), case.library != "ours", case.library)
@@ -221,7 +232,10 @@ def main() -> None:
     rows.sort(key=lambda row: (order.index(row.problem), TASKS.index(row.task), _table_order(row.case)))
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
     text = report(args, settings, n, batch, cases, with_ratios(rows), info)
-    write_report(args.out, text)
+    errors = {"solution": "largest ||z - z_ref||_2 over the samples, against a float64 Newton solve",
+              "gradient": "relative Frobenius error of dL/d(W, x), the larger of the two, against the float64 "
+                          "implicit-function-theorem gradient"}
+    write_report(args.out, text, results_record("fixed_point", TITLE, args, info, PACKAGES, measurements(rows), errors))
 
 
 if __name__ == "__main__":

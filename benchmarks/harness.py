@@ -4,13 +4,17 @@ measured, and which copy of our package ran."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import json
+import math
 import os
 import platform
 import resource
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -122,7 +126,8 @@ def parse_args(description: str, name: str, quick_help: str, default_repeats: in
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help}")
     parser.add_argument("--repeats", type=int,
                         help=f"timed rounds after the warm-ups (default {default_repeats}, quick 2)")
-    parser.add_argument("--out", type=Path, help="markdown file for the results (default: under benchmarks/results)")
+    parser.add_argument("--out", type=Path, help="markdown file for the results, the JSON record beside it "
+                        "(default: under benchmarks/results)")
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 2 if args.quick else default_repeats
@@ -134,9 +139,64 @@ def parse_args(description: str, name: str, quick_help: str, default_repeats: in
     return args
 
 
-def write_report(path: Path, text: str) -> None:
-    """Write a benchmark's report to ``path`` (creating its folder) and show it, saying where it went."""
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One timed case in the machine-readable results that the book's benchmarks appendix reads: the same fields
+    for every benchmark, so that its tables and plots need no per-script code."""
+
+    task: str
+    """What was timed, the same for every case compared with each other ("forward", "gradient", ...)."""
+    framework: str
+    library: str
+    method: str
+    """The method and the settings that tell this case apart from the library's others."""
+    median_ms: Optional[float] = None
+    first_call_s: Optional[float] = None
+    """The first call, timed alone (for JAX: compilation and one run)."""
+    compile_s: Optional[float] = None
+    """JAX only: the compile time, measured apart or as the first call minus the median."""
+    solution_error: Optional[float] = None
+    gradient_error: Optional[float] = None
+    work: str = ""
+    """The solver's own count of its work (iterations, NFE), as text."""
+    note: str = ""
+    """Why a case has no time or did not converge; empty when it ran and converged."""
+
+
+def compile_estimate(framework: str, first_call_s: Optional[float], median_ms: Optional[float]) -> Optional[float]:
+    """A JAX case's compile time where it was not measured apart: its first call minus the median, the rest of
+    which is one run. None for torch, which compiles nothing."""
+    if framework != "jax" or first_call_s is None or median_ms is None:
+        return None
+    return first_call_s - median_ms / 1e3
+
+
+def results_record(name: str, title: str, args: argparse.Namespace, info: dict, packages: tuple[str, ...],
+                   measurements: list[Measurement], errors: dict[str, str]) -> dict:
+    """Everything the appendix shows about one run: what ran, where, with which versions, and each case's numbers.
+    ``errors`` says what "solution_error" and "gradient_error" measure in this benchmark."""
+    def finite(value):  # JSON has no NaN or infinity; a number that is not finite is reported as missing
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+
+    return {
+        "benchmark": name,
+        "title": title,
+        "command": f"python benchmarks/{name}.py {' '.join(sys.argv[1:])}".strip(),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "quick": bool(args.quick),
+        "repeats": args.repeats,
+        "machine": info,
+        "versions": versions(packages),
+        "errors": errors,
+        "measurements": [{key: finite(value) for key, value in dataclasses.asdict(m).items()} for m in measurements],
+    }
+
+
+def write_report(path: Path, text: str, record: dict) -> None:
+    """Write a benchmark's report to ``path`` (creating its folder) and its machine-readable record beside it
+    (``.json``), and show the report, saying where both went."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(text)
-    print(f"written to {path}", file=sys.stderr)
+    print(f"written to {path} and {path.with_suffix('.json')}", file=sys.stderr)

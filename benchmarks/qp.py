@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import qp_jax  # noqa: E402
 import qp_torch  # noqa: E402
 from harness import (  # noqa: E402
-    cpu_seconds, machine, others_share, parse_args, time_in_rounds, versions, write_report,
+    Measurement, cpu_seconds, machine, others_share, parse_args, results_record, time_in_rounds, versions,
+    write_report,
 )
 from qp_problem import ARGUMENTS, Case, Problem, make_problem, reference, relative_errors  # noqa: E402
 
@@ -39,6 +40,7 @@ SCALING_REPEATS = 3
 the main table's: there are many points, and the largest take seconds per call)."""
 PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "qpth", "proxsuite", "cvxpylayers", "cvxpy", "diffcp",
             "clarabel", "scs", "qpax")
+TITLE = "QP layers: ours beside qpth, proxsuite, cvxpylayers and qpax"
 BASELINES = {"torch": ("proxsuite", "qpth"), "jax": ("qpax",)}
 """The peers our time is divided by, per framework: those the issue sets goals against (their default settings)."""
 SCALED = (("torch", "ours"), ("torch", "proxsuite"), ("jax", "ours"), ("jax", "qpax"))
@@ -49,6 +51,7 @@ SCALED = (("torch", "ours"), ("torch", "proxsuite"), ("jax", "ours"), ("jax", "q
 class Row:
     case: Case
     compile_s: Optional[float] = None
+    first_call_s: Optional[float] = None
     median_ms: Optional[float] = None
     x_error: Optional[float] = None
     grad_errors: Optional[dict[str, float]] = None
@@ -70,13 +73,14 @@ def measure_group(cases: list[Case], problem: Problem, repeats: int, warmups: in
     firsts, times, failures = time_in_rounds({case: run.call for case, run in runs.items()}, warmups, repeats)
     for case, error in failures.items():
         rows[case] = _failed(rows[case], error)
-    for case, (first, _) in firsts.items():
+    for case, (first, first_call_s) in firsts.items():
         try:
             outcome = runs[case].unpack(first)
         except Exception as error:
             rows[case] = _failed(rows[case], error)
             continue
-        row = replace(rows[case], compile_s=runs[case].compile_s, median_ms=1e3 * statistics.median(times[case]))
+        row = replace(rows[case], compile_s=runs[case].compile_s, first_call_s=first_call_s,
+                      median_ms=1e3 * statistics.median(times[case]))
         if check is not None:
             row = replace(row, x_error=float(np.max(np.abs(outcome.x - check.x)) / np.max(np.abs(check.x))),
                           grad_errors=relative_errors(outcome.grads, check.grads))
@@ -145,9 +149,17 @@ def scaling_table(cases: list[Case], sizes: list[tuple[int, int]], label: str, r
     return "\n".join(lines)
 
 
+def measurements(rows: list[Row]) -> list[Measurement]:
+    """The rows of the main table for the appendix: one comparison, forward and backward pass together."""
+    return [Measurement(
+        task="forward and backward", framework=r.case.framework, library=r.case.library, method=r.case.settings,
+        median_ms=r.median_ms, first_call_s=r.first_call_s, compile_s=r.compile_s, solution_error=r.x_error,
+        gradient_error=None if r.grad_errors is None else max(r.grad_errors.values()), note=r.note) for r in rows]
+
+
 def report(args, problem: Problem, check, rows: list[Row], batch_table: str, size_table: str, info: dict) -> str:
     listing = lambda d: "\n".join(f"- {key}: {value}" for key, value in d.items())  # noqa: E731
-    return f"""# QP layers: ours beside qpth, proxsuite, cvxpylayers and qpax
+    return f"""# {TITLE}
 
 `python benchmarks/qp.py {' '.join(sys.argv[1:])}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
 
@@ -232,7 +244,10 @@ def main() -> None:
     size_table = scaling_table(scaled, [(batch, size) for size in sizes], "n", repeats)
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
     text = report(args, problem, check, with_ratios(rows), batch_table, size_table, info)
-    write_report(args.out, text)
+    errors = {"solution": "largest absolute error of the solutions over the largest absolute entry of the exact "
+                          "float64 reference",
+              "gradient": "the same measure for the gradients to Q, p, G and h, the worst of the four"}
+    write_report(args.out, text, results_record("qp", TITLE, args, info, PACKAGES, measurements(rows), errors))
 
 
 if __name__ == "__main__":
