@@ -28,7 +28,7 @@ README_END = "<!-- end of benchmark summary -->"
 
 OUR_COLOR = "#d62728"
 PEER_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-                "#aec7e8", "#ffbb78", "#98df8a")
+                "#000000", "#393b79", "#637939")
 """Peers' colors, given out in alphabetical order of the peers' names (red stays ours)."""
 
 

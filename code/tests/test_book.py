@@ -51,6 +51,15 @@ def is_notebook_page(docname: str) -> bool:
 
 
 CHAPTERS = [name for name in toc_docnames() if is_notebook_page(name)]
+"""Every page that is a notebook: the chapters and the appendices that execute code (the benchmarks)."""
+NUMBERED_CHAPTERS = [
+    name
+    for part in yaml.safe_load((REPO / "_toc.yml").read_text())["parts"]
+    if part.get("numbered")
+    for name in toc_docnames(part["chapters"])
+    if name in CHAPTERS
+]
+"""The notebook pages of the numbered parts: the chapters proper, with their exercises, in reading order."""
 
 
 def repository_url() -> str:
