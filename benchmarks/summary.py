@@ -229,7 +229,7 @@ def readme_section(records: dict[str, dict]) -> str:
     machine = first["machine"]
     dates = sorted(record["date_utc"] for record in records.values())
     smoke = any(record["quick"] for record in records.values())
-    kind = "smoke runs (`make bench BENCH_ARGS=--quick`: small problems, few repeats)" if smoke else "`make bench`"
+    kind = "smoke runs (`--quick`: small problems, few repeats, not the full benchmarks)" if smoke else "`make bench`"
     return "\n".join([
         README_START,
         f"Stored results of {kind} on {machine.get('CPU', '?')} with {machine.get('cores', '?')} cores, "
