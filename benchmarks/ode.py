@@ -40,6 +40,10 @@ PACKAGES = ("torch", "jax", "jaxlib", "numpy", "scipy", "torchdiffeq", "torchode
 TITLE = "ODE solvers: ours beside torchdiffeq, torchode and diffrax"
 MEMORY_HORIZONS = (1.0, 2.0, 4.0, 8.0)
 """End times of the memory table: a longer integration takes more steps."""
+SWEEP_TOLERANCES = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
+"""rtol = atol of the work-precision sweep of the forward solves: at one nominal tolerance the libraries reach
+different accuracies (their error norms differ), so their times compare fairly only at equal error."""
+SWEEP_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ def memory_table(problem_batch: int, settings: Settings, horizons: tuple[float, 
             jax_t = jax.numpy.array([0.0, t1], jax.numpy.float32)
 
             def loss(p):
-                bound = {"max_steps": ode_jax.BACKPROP_MAX_STEPS} if mode == "backprop" else {}
+                bound = {"max_steps": ode_jax.BOUNDED_MAX_STEPS} if mode != "adjoint" else {}
                 ys, _ = ours_jax.odeint(lambda t, y, p: ode_jax.mlp(p, y), jax_y0, jax_t, p, method="dopri5",
                                         rtol=settings.rtol, atol=settings.atol, gradient=mode, warn=False, **bound)
                 return (ys[-1] * jax_c).sum()
@@ -176,7 +180,65 @@ def memory_table(problem_batch: int, settings: Settings, horizons: tuple[float, 
     return "\n".join(lines)
 
 
-def report(args, settings: Settings, batch: int, rows: list[Row], memory: str, info: dict) -> str:
+def work_precision(problem: Problem, references, tolerances: tuple[float, ...], repeats: int) -> list[tuple]:
+    """Every forward case at every tolerance: ``(tol, row)`` pairs, each framework's cases timed side by side at
+    one tolerance as in the main table."""
+    points = []
+    for tol in tolerances:
+        settings = Settings(rtol=tol, atol=tol)
+        cases = sorted(ode_torch.cases(settings) + ode_jax.cases(settings), key=_table_order)
+        for framework in ("torch", "jax"):
+            group = [c for c in cases if c.framework == framework and c.gradient is None]
+            for row in measure_group(group, problem, settings, references, repeats):
+                print(f"sweep {tol:g} {framework} {row.case.library} {row.case.method}: {row.median_ms or 0:.1f} ms, "
+                      f"error {row.y_error or 0:.1e} {row.note}", file=sys.stderr, flush=True)
+                points.append((tol, row))
+    return points
+
+
+def work_precision_table(points: list[tuple]) -> str:
+    lines = ["| framework | library | method | rtol = atol | NFE | max abs error y(t1) | median (ms) | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for tol, r in sorted(points, key=lambda point: (_table_order(point[1].case), -point[0])):
+        cells = [r.case.framework, r.case.library, r.case.method, f"{tol:g}", "" if r.nfe is None else str(r.nfe),
+                 _number(r.y_error), "" if r.median_ms is None else f"{r.median_ms:.3g}", r.note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def at_matched_accuracy(points: list[tuple]) -> list[dict]:
+    """For each peer's run, our fastest run of the sweep (either step control, any tolerance) whose error is at
+    most the peer's: a comparison of time at equal or better accuracy, with no interpolation between runs."""
+    timed = [(tol, r) for tol, r in points if r.median_ms is not None and r.y_error is not None]
+    matches = []
+    for tol, peer in timed:
+        if peer.case.library == "ours":
+            continue
+        candidates = [(r.median_ms, ours_tol, r) for ours_tol, r in timed if r.case.library == "ours"
+                      and r.case.framework == peer.case.framework and r.y_error <= peer.y_error]
+        match = dict(framework=peer.case.framework, peer=f"{peer.case.library}, {peer.case.method}", peer_tol=tol,
+                     peer_error=peer.y_error, peer_ms=peer.median_ms, ours=None)
+        if candidates:
+            ours_ms, ours_tol, ours = min(candidates, key=lambda candidate: candidate[0])
+            match.update(ours=f"{ours.case.method}, rtol = atol = {ours_tol:g}", ours_error=ours.y_error,
+                         ours_ms=ours_ms, ratio=ours_ms / peer.median_ms)
+        matches.append(match)
+    return matches
+
+
+def matched_accuracy_table(matches: list[dict]) -> str:
+    lines = ["| framework | peer | peer rtol = atol | peer error | peer (ms) | ours: fastest run at least as accurate "
+             "| ours error | ours (ms) | ours / peer |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in matches:
+        ours = (["none of ours reached this error", "", "", ""] if m["ours"] is None else
+                [m["ours"], _number(m["ours_error"]), f"{m['ours_ms']:.3g}", f"{m['ratio']:.2f}"])
+        lines.append("| " + " | ".join([m["framework"], m["peer"], f"{m['peer_tol']:g}", _number(m["peer_error"]),
+                                        f"{m['peer_ms']:.3g}", *ours]) + " |")
+    return "\n".join(lines)
+
+
+def report(args, settings: Settings, batch: int, rows: list[Row], memory: str, sweep: list[tuple],
+           info: dict) -> str:
     modes = modes_compared(rows)
     listing = lambda d: "\n".join(f"- {key}: {value}" for key, value in d.items())  # noqa: E731
     return f"""# {TITLE}
@@ -226,12 +288,26 @@ The largest relative Frobenius error over the parameters, taking our backprop gr
 Batch {batch}, the same field and tolerances, t from 0 to t1. The torch columns give the peak of the tensor memory
 allocated during one forward and backward pass, from `peak_memory_bytes`. The JAX columns give the bytes XLA plans
 for the jitted gradient, from `compiled_memory_bytes`: arguments, outputs and temporaries. JAX's "backprop" is a
-scan over all `max_steps` steps (here {ode_jax.BACKPROP_MAX_STEPS}, in the results table too; the default is 10 000), so its
-plan does not depend on how many steps are actually taken.
+scan over all `max_steps` steps and its "checkpoint" allocates `max_steps` rows of step starts (here
+{ode_jax.BOUNDED_MAX_STEPS} for both, in the results table too; the default is 10 000), so their plans do not
+depend on how many steps are actually taken.
 
 {memory}
-"""
 
+## Work against precision: the forward solves over a range of tolerances
+The libraries' error norms differ (per sample, or over the whole batch), so one nominal tolerance buys each a
+different accuracy, and the results table compares times at unequal errors. Here every forward case runs at
+rtol = atol from {max(tol for tol, _ in sweep):g} to {min(tol for tol, _ in sweep):g}, timed as above with
+{SWEEP_REPEATS if not args.quick else args.repeats} rounds per tolerance, checked against the same reference.
+
+{work_precision_table(sweep)}
+
+### Time at equal accuracy
+For each peer's run of the sweep, our fastest run of the sweep (either step control, any tolerance) whose error
+in y(t1) is at most the peer's. A ratio below 1 means ours reached the peer's accuracy in less time.
+
+{matched_accuracy_table(at_matched_accuracy(sweep))}
+"""
 
 def measurements(rows: list[Row]) -> list[Measurement]:
     """The rows for the appendix: the forward solve is one comparison, the gradient in any mode another."""
@@ -271,12 +347,19 @@ def main() -> None:
                       f"{row.median_ms or 0:.1f} ms {row.note}", file=sys.stderr, flush=True)
                 rows.append(row)
     memory = memory_table(batch, settings, MEMORY_HORIZONS[:2] if args.quick else MEMORY_HORIZONS)
+    sweep = work_precision(problem, references, SWEEP_TOLERANCES[::4] if args.quick else SWEEP_TOLERANCES,
+                           args.repeats if args.quick else SWEEP_REPEATS)
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
-    text = report(args, settings, batch, with_ratios(rows), memory, info)
+    text = report(args, settings, batch, with_ratios(rows), memory, sweep, info)
     errors = {"solution": "largest absolute error of y(t1), against SciPy's DOP853 at 1e-12 in float64",
               "gradient": "largest relative Frobenius error over the parameters, against the adjoint equations "
                           "integrated by DOP853 at 1e-12 in float64"}
-    write_report(args.out, text, results_record("ode", TITLE, args, info, PACKAGES, measurements(rows), errors))
+    record = results_record("ode", TITLE, args, info, PACKAGES, measurements(rows), errors)
+    record["work_precision"] = [
+        dict(framework=r.case.framework, library=r.case.library, method=r.case.method, tol=tol, nfe=r.nfe,
+             solution_error=r.y_error, median_ms=r.median_ms, note=r.note) for tol, r in sweep]
+    record["matched_accuracy"] = at_matched_accuracy(sweep)
+    write_report(args.out, text, record)
 
 
 if __name__ == "__main__":
