@@ -11,8 +11,8 @@ and eliminating ``x`` from the equality rows leaves the Schur complement A H^-1 
 Cholesky after a small regularization (H + delta I and the Schur complement + delta I): a quasi-definite matrix,
 factorable even when Q is only semidefinite or A lacks full row rank.
 
-``jnp.linalg.cholesky`` has no failure flag: a factorization that breaks down returns NaN, so a breakdown is read
-off non-finite factors.
+JAX's Cholesky factorization has no failure flag: a factorization that breaks down returns NaN, so a breakdown is
+read off non-finite factors.
 """
 
 from __future__ import annotations
@@ -39,6 +39,17 @@ def cholesky_solve(rhs: jax.Array, cholesky: jax.Array) -> jax.Array:
     ``torch.cholesky_solve`` does: forward substitution with L, then back substitution with L'."""
     forward = solve_triangular(cholesky, rhs, lower=True)
     return solve_triangular(cholesky, forward, lower=True, trans="T")
+
+
+def _cholesky(matrix: jax.Array) -> jax.Array:
+    """The lower Cholesky factor of a batch of symmetric matrices, read from one triangle only, as torch's is.
+
+    ``jnp.linalg.cholesky`` first symmetrizes its argument, a pass over the batch with a transposed read; and
+    LAPACK, which factors on the CPU, wants each matrix column-major, which costs XLA another transposing copy of
+    a row-major one. The transpose of a row-major matrix is the same matrix column-major, so factoring the
+    transpose, which is the matrix itself up to rounding, avoids both: LAPACK reads its lower triangle, the
+    matrix's upper one, in place."""
+    return jax.lax.linalg.cholesky(jnp.swapaxes(matrix, -1, -2), symmetrize_input=False)
 
 
 def _add_to_diagonal(matrix: jax.Array, value: float) -> jax.Array:
@@ -77,10 +88,10 @@ class KKTFactor(NamedTuple):
 def factor_kkt(Q: jax.Array, G: jax.Array, A: jax.Array, D: jax.Array, delta: float) -> KKTFactor:
     """Factor the Newton matrix with ``D = lam / s`` (shape (B, m)) and regularization ``delta``."""
     H = _add_to_diagonal(Q + jnp.matmul(jnp.swapaxes(G, -1, -2) * D[:, None, :], G), delta)
-    cholesky_H = jnp.linalg.cholesky(H)
+    cholesky_H = _cholesky(H)
     H_inverse_At = cholesky_solve(jnp.swapaxes(A, -1, -2), cholesky_H)
     S = _add_to_diagonal(jnp.matmul(A, H_inverse_At), delta)
-    cholesky_S = jnp.linalg.cholesky(S)
+    cholesky_S = _cholesky(S)
     singular = ~(_all_finite(cholesky_H) & _all_finite(cholesky_S))
     return KKTFactor(G, A, D, cholesky_H, H_inverse_At, cholesky_S, singular)
 
