@@ -81,15 +81,15 @@ def _longest_step(iterate: Iterate, step: Iterate) -> torch.Tensor:
     return ratios.amin(dim=1).clamp(max=1.0)
 
 
-def _solve_columns(factor, iterate, residuals, p, h, b, r_s_lam, *, eta):
+def _solve_stacked(factor, iterate, residuals, p, h, b, r_s_lam, *, eta):
     """Solve the Newton matrix for the residuals' right-hand side (scaled by ``eta``, with the complementarity
     target ``r_s_lam``), preceded, when ``p`` is given, by the constant right-hand side [-p; h; b]."""
     eta = eta[:, None]
-    columns = [(-eta * residuals.x, -eta * residuals.lam + r_s_lam / iterate.lam, -eta * residuals.nu)]
+    sides = [(-eta * residuals.x, -eta * residuals.lam + r_s_lam / iterate.lam, -eta * residuals.nu)]
     if p is not None:
-        columns.insert(0, (-p, h, b))
-    blocks = solve_kkt(factor, *(torch.stack(block, dim=-1) for block in zip(*columns)))
-    return [tuple(block[..., k] for block in blocks) for k in range(len(columns))]
+        sides.insert(0, (-p, h, b))
+    blocks = solve_kkt(factor, *(torch.stack(block, dim=1) for block in zip(*sides)))
+    return [tuple(block[:, k] for block in blocks) for k in range(len(sides))]
 
 
 def _complete(along_tau, direction, iterate, residuals, p, h, b, r_s_lam, r_tau_kappa, *, eta) -> Iterate:
@@ -112,7 +112,7 @@ def _complete(along_tau, direction, iterate, residuals, p, h, b, r_s_lam, r_tau_
 def initial_iterate(Q, p, G, h, A, b, delta: float) -> Iterate:
     """Clarabel's start: solve the KKT system with W = I, then shift s and lam into the positive orthant."""
     factor = factor_kkt(Q, G, A, torch.ones_like(h), delta)
-    x, lam, nu = (v.squeeze(-1) for v in solve_kkt(factor, -p.unsqueeze(-1), h.unsqueeze(-1), b.unsqueeze(-1)))
+    x, lam, nu = (v.squeeze(1) for v in solve_kkt(factor, -p.unsqueeze(1), h.unsqueeze(1), b.unsqueeze(1)))
     ones = torch.ones_like(p[:, 0])
     return Iterate(x, _shift_into_cone(-lam), _shift_into_cone(lam), nu, ones, ones.clone())
 
@@ -179,7 +179,7 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         residuals = Residuals(r_x, r_lam, r_nu, r_tau, Qx, xQx)
         # One solve for two right-hand sides: [-p; h; b] gives each direction's part along tau, the residuals
         # give the affine (predictor) direction.
-        along_tau, affine = _solve_columns(factor, iterate, residuals, p, h, b, s * lam, eta=torch.ones_like(tau))
+        along_tau, affine = _solve_stacked(factor, iterate, residuals, p, h, b, s * lam, eta=torch.ones_like(tau))
         predictor = _complete(along_tau, affine, iterate, residuals, p, h, b, s * lam, tau * kappa, eta=torch.ones_like(tau))
         alpha = _longest_step(iterate, predictor)
         mu = (_dot(s, lam) + tau * kappa) / (m + 1)
@@ -189,7 +189,7 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         # second-order term in the complementarity products.
         r_s_lam = s * lam + predictor.s * predictor.lam - sigma_mu[:, None]
         r_tau_kappa = tau * kappa + predictor.tau * predictor.kappa - sigma_mu
-        (corrector,) = _solve_columns(factor, iterate, residuals, None, None, None, r_s_lam, eta=eta)
+        (corrector,) = _solve_stacked(factor, iterate, residuals, None, None, None, r_s_lam, eta=eta)
         step = _complete(along_tau, corrector, iterate, residuals, p, h, b, r_s_lam, r_tau_kappa, eta=eta)
         alpha = STEP_TO_BOUNDARY * _longest_step(iterate, step)
         stepped = Iterate(*(v + per_sample(alpha, v) * dv for v, dv in zip(iterate, step)))

@@ -153,9 +153,9 @@ class _KKTGradient(torch.autograd.Function):
         W = torch.where(active, 0.0, 1.0)
         delta, smallest_W = regularization(g.dtype)
         factor = factor_kkt(Q, G, A, 1 / (W + smallest_W), delta)
-        zeros = [g.new_zeros(v.shape + (1,)) for v in (lam, nu)]
-        u_x, u_lam, u_nu = (v[..., 0] for v in
-                            solve_kkt_refined(factor, Q, W, g[..., None], *zeros, refinements=BACKWARD_REFINEMENTS))
+        zeros = [v.new_zeros(v.shape[0], 1, v.shape[1]) for v in (lam, nu)]
+        u_x, u_lam, u_nu = (v[:, 0] for v in
+                            solve_kkt_refined(factor, Q, W, g[:, None], *zeros, refinements=BACKWARD_REFINEMENTS))
 
         def outer(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return u[:, :, None] * v[:, None, :]
