@@ -16,11 +16,10 @@ from ode_settings import Case, Outcome, Run, Settings
 
 DIFFRAX_MAX_STEPS = 4096
 BOUNDED_MAX_STEPS = 256
-"""Our JAX "backprop" is a scan over all ``max_steps`` (reverse mode cannot go through a while loop), holding every
-step's intermediates: with the default 10 000 steps XLA plans about 2 GB for a batch of 16. "checkpoint" allocates
-its buffer of step starts for ``max_steps`` rows up front: with the default it takes three to four times as long
-as with this bound. The benchmark passes a bound that covers the longest integration it runs, as ``odeint``'s
-docstring asks of a user of either mode."""
+"""Our JAX "backprop" is a scan over all ``max_steps`` (reverse mode cannot go through a while loop) that keeps the
+loop state of every step, and "checkpoint" allocates its buffer of step starts for ``max_steps`` rows up front:
+with the default 10 000 steps both run several times longer than with this bound. The benchmark passes a bound
+that covers the longest integration it runs, as ``odeint``'s docstring asks of a user of either mode."""
 
 
 def mlp(params: dict, y: jax.Array) -> jax.Array:

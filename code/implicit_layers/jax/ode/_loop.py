@@ -189,8 +189,11 @@ def integrate(
     ``max_steps`` is frozen with ``jnp.where`` and steps by zero, so ``f`` only sees times a sample reached. With
     ``shared``, the batch takes one step size chosen by the largest error ratio among running samples. The loop
     is a ``lax.while_loop`` (no host synchronization); with ``unroll`` it is a ``lax.scan`` of ``max_steps``
-    steps, each skipped by ``lax.cond`` once no sample runs, which reverse-mode autodiff can traverse. Step
-    sizes, times and error ratios carry no gradient. Unreached outputs are NaN (and the caller warns).
+    steps, each skipped by ``lax.cond`` once no sample runs, which reverse-mode autodiff can traverse. Each step
+    of the scan is a ``jax.checkpoint``: reverse mode keeps the loop state at every step's start and recomputes
+    the step's stages when it reaches it, instead of keeping every stage's intermediates for all ``max_steps``
+    steps (the ODE benchmark's memory table measures the difference). Step sizes, times and error ratios carry no
+    gradient. Unreached outputs are NaN (and the caller warns).
 
     With ``record``, also returns the per-step buffers (``max_steps`` rows) that ``checkpoint.py`` replays:
     the state and derivative a step started from, its time, size, end time, and which samples moved and which
@@ -326,7 +329,7 @@ def integrate(
 
     if unroll:
         def scan_step(state, _):
-            return jax.lax.cond(jnp.any(state["running"]), step, lambda s: s, state), None
+            return jax.lax.cond(jnp.any(state["running"]), jax.checkpoint(step), lambda s: s, state), None
 
         state, _ = jax.lax.scan(scan_step, state, None, length=max_steps)
     else:

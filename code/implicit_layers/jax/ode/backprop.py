@@ -13,10 +13,12 @@ def backprop_integrate(f, y0, grid, theta, sign, tableau, **settings):
     """Integrate as ``integrate`` does; derivatives come from autodiff of the same steps as a ``lax.scan``.
 
     Reverse mode cannot traverse a ``lax.while_loop``, so a differentiated solve is a ``lax.scan`` of
-    ``max_steps`` steps, each skipped by ``lax.cond`` once no sample runs. A solve that is not differentiated
-    need not pay for the idle steps: the solve is a ``jax.custom_jvp`` whose primal is the ``lax.while_loop``,
-    which stops with the last running sample, and whose rule is the forward-mode derivative of the scan (which
-    reverse mode transposes). Both run the same step function, so both give the same outputs.
+    ``max_steps`` steps, each skipped by ``lax.cond`` once no sample runs and each rematerialized in the backward
+    pass (``jax.checkpoint``), so that the scan keeps one loop state per step rather than every stage. A solve
+    that is not differentiated need not pay for the idle steps: the solve is a ``jax.custom_jvp`` whose primal is
+    the ``lax.while_loop``, which stops with the last running sample, and whose rule is the forward-mode
+    derivative of the scan (which reverse mode transposes). Both run the same step function, so both give the
+    same outputs.
 
     Values that ``f`` closes over are differentiable as with plain autodiff: ``jax.closure_convert`` makes them
     explicit arguments of the custom rule. ``grid`` is ``sign * t``, increasing.

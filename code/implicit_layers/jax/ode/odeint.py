@@ -82,7 +82,8 @@ def odeint(
         steps is known (``num_steps``, or ``dt`` with concrete times) runs only those.
     gradient : str
         ``"backprop"``: autodiff through every operation of the solver (a ``lax.scan`` of ``max_steps``, run
-        only when the solve is differentiated; otherwise a loop that stops with the last sample);
+        only when the solve is differentiated, each step's stages recomputed in the backward pass from the state
+        the scan keeps; otherwise a loop that stops with the last sample);
         ``"checkpoint"``: the same gradient, each step recomputed in the backward pass from its stored start;
         ``"adjoint"``: the continuous adjoint, the augmented system solved backwards from ``t[-1]``, restarted at
         each output time, in memory independent of the number of steps. Step sizes carry no gradient in any
