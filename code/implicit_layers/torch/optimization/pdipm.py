@@ -117,10 +117,39 @@ def initial_iterate(Q, p, G, h, A, b, delta: float) -> Iterate:
     return Iterate(x, _shift_into_cone(-lam), _shift_into_cone(lam), nu, ones, ones.clone())
 
 
+def _newton_step(Q, p, G, h, A, b, iterate: Iterate, residuals: Residuals, delta: float, smallest_W: float):
+    """One predictor-corrector step from ``iterate``: the stepped iterate, and per sample whether the step could
+    be taken (its factorization held and the stepped iterate is finite)."""
+    x, s, lam, nu, tau, kappa = iterate
+    factor = factor_kkt(Q, G, A, lam / (s + smallest_W * lam), delta)
+    # One solve for two right-hand sides: [-p; h; b] gives each direction's part along tau, the residuals give
+    # the affine (predictor) direction.
+    along_tau, affine = _solve_stacked(factor, iterate, residuals, p, h, b, s * lam, eta=torch.ones_like(tau))
+    predictor = _complete(along_tau, affine, iterate, residuals, p, h, b, s * lam, tau * kappa, eta=torch.ones_like(tau))
+    alpha = _longest_step(iterate, predictor)
+    mu = (_dot(s, lam) + tau * kappa) / (s.shape[1] + 1)
+    sigma_mu = (1 - alpha) ** 3 * mu
+    eta = 1 - (1 - alpha) ** 3
+    # Mehrotra's corrector: aim at the central path, mu shrunk by sigma, and cancel the predictor's second-order
+    # term in the complementarity products.
+    r_s_lam = s * lam + predictor.s * predictor.lam - sigma_mu[:, None]
+    r_tau_kappa = tau * kappa + predictor.tau * predictor.kappa - sigma_mu
+    (corrector,) = _solve_stacked(factor, iterate, residuals, None, None, None, r_s_lam, eta=eta)
+    step = _complete(along_tau, corrector, iterate, residuals, p, h, b, r_s_lam, r_tau_kappa, eta=eta)
+    alpha = STEP_TO_BOUNDARY * _longest_step(iterate, step)
+    stepped = Iterate(*(v + per_sample(alpha, v) * dv for v, dv in zip(iterate, step)))
+    finite = ~factor.singular & torch.stack([torch.isfinite(v).flatten(1).all(1) for v in stepped[:4]]
+                                            + [torch.isfinite(stepped.tau * stepped.kappa)]).all(0)
+    return stepped, finite
+
+
 def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     """Run the interior-point method on a batch of broadcast QPs (Q (B, n, n), p (B, n), G (B, m, n), h (B, m),
     A (B, e, n), b (B, e)). Samples stop one by one: a finished sample's iterate is frozen, and the loop ends when
-    every sample has stopped (one read from the device per iteration).
+    every sample has stopped (one read from the device per iteration). The iterations work on the samples still
+    running only: a sample that stops leaves the working set, with its iterate, status and iteration count
+    written back to the batch's, so the later factorizations and solves are not spent on it (each sample's
+    arithmetic is its own, so which others share its batch changes none of its numbers).
 
     The method runs on the problem with every inequality row scaled to unit Euclidean norm (its right-hand side
     with it), and the iterate it returns is mapped back to the problem as given. Without that, a row much shorter
@@ -130,27 +159,35 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     regularization of the Schur complement then weighing more against its entries."""
     G_scale = _row_scale(G)
     G, h = G * G_scale[..., None], h * G_scale
-    batch, m = p.shape[0], h.shape[1]
+    batch = p.shape[0]
     delta, smallest_W = regularization(p.dtype)
     iterate = initial_iterate(Q, p, G, h, A, b, delta)
     status = torch.full((batch,), MAX_ITER, dtype=torch.int64, device=p.device)
     iterations = torch.zeros(batch, dtype=torch.int64, device=p.device)
     running = torch.ones(batch, dtype=torch.bool, device=p.device)
-    p_size, h_size, b_size = largest(p), largest(h), largest(b)
+    problem = (Q, p, G, h, A, b, largest(p), largest(h), largest(b))
+    index = torch.arange(batch, device=p.device)  # each working sample's place in the batch
+    # The batch's results, each sample's written when it leaves the working set, which every sample does once.
+    final = [torch.empty_like(v) for v in (*iterate, status, iterations)]
     num_factorizations = 1
     for _ in range(max_iter + 1):
+        Q, p, G, h, A, b, p_size, h_size, b_size = problem
         x, s, lam, nu, tau, kappa = iterate
         Qx, Gx, Ax = bmv(Q, x), bmv(G, x), bmv(A, x)
         Gt_lam, At_nu = bmtv(G, lam), bmtv(A, nu)
         xQx = _dot(x, Qx)
-        r_x = Qx + Gt_lam + At_nu + p * tau[:, None]
-        r_lam = Gx + s - h * tau[:, None]
-        r_nu = Ax - b * tau[:, None]
-        r_tau = kappa + _dot(p, x) + _dot(h, lam) + _dot(b, nu) + xQx / tau
+        residuals = Residuals(
+            Qx + Gt_lam + At_nu + p * tau[:, None],
+            Gx + s - h * tau[:, None],
+            Ax - b * tau[:, None],
+            kappa + _dot(p, x) + _dot(h, lam) + _dot(b, nu) + xQx / tau,
+            Qx,
+            xQx,
+        )
 
         # Stopping tests, on the candidate solution (divided by tau) and on the certificates (not divided).
-        primal_residual = torch.maximum(largest(r_lam), largest(r_nu)) / tau
-        dual_residual = largest(r_x) / tau
+        primal_residual = torch.maximum(largest(residuals.lam), largest(residuals.nu)) / tau
+        dual_residual = largest(residuals.x) / tau
         primal_objective = (0.5 * xQx / tau + _dot(p, x)) / tau
         dual_objective = (-0.5 * xQx / tau - _dot(h, lam) - _dot(b, nu)) / tau
         gap = (primal_objective - dual_objective).abs()
@@ -171,33 +208,22 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         for code, flag in ((DUAL_INFEASIBLE, dual_infeasible), (PRIMAL_INFEASIBLE, primal_infeasible), (SOLVED, solved)):
             status = torch.where(running & flag, code, status)
         running = running & ~(solved | primal_infeasible | dual_infeasible)
-        if not bool(running.any()) or _ == max_iter:
-            break
+        kept = running.nonzero().squeeze(1)
+        if kept.numel() < running.numel() or _ == max_iter:
+            for value, working in zip(final, (*iterate, status, iterations)):
+                value.index_copy_(0, index, working)
+            if not kept.numel() or _ == max_iter:
+                break
+            index, status, iterations, running = (v.index_select(0, kept) for v in (index, status, iterations, running))
+            problem = tuple(v.index_select(0, kept) for v in problem)
+            iterate, residuals = (type(v)(*(w.index_select(0, kept) for w in v)) for v in (iterate, residuals))
 
-        factor = factor_kkt(Q, G, A, lam / (s + smallest_W * lam), delta)
+        stepped, finite = _newton_step(*problem[:6], iterate, residuals, delta, smallest_W)
         num_factorizations += 1
-        residuals = Residuals(r_x, r_lam, r_nu, r_tau, Qx, xQx)
-        # One solve for two right-hand sides: [-p; h; b] gives each direction's part along tau, the residuals
-        # give the affine (predictor) direction.
-        along_tau, affine = _solve_stacked(factor, iterate, residuals, p, h, b, s * lam, eta=torch.ones_like(tau))
-        predictor = _complete(along_tau, affine, iterate, residuals, p, h, b, s * lam, tau * kappa, eta=torch.ones_like(tau))
-        alpha = _longest_step(iterate, predictor)
-        mu = (_dot(s, lam) + tau * kappa) / (m + 1)
-        sigma_mu = (1 - alpha) ** 3 * mu
-        eta = 1 - (1 - alpha) ** 3
-        # Mehrotra's corrector: aim at the central path, mu shrunk by sigma, and cancel the predictor's
-        # second-order term in the complementarity products.
-        r_s_lam = s * lam + predictor.s * predictor.lam - sigma_mu[:, None]
-        r_tau_kappa = tau * kappa + predictor.tau * predictor.kappa - sigma_mu
-        (corrector,) = _solve_stacked(factor, iterate, residuals, None, None, None, r_s_lam, eta=eta)
-        step = _complete(along_tau, corrector, iterate, residuals, p, h, b, r_s_lam, r_tau_kappa, eta=eta)
-        alpha = STEP_TO_BOUNDARY * _longest_step(iterate, step)
-        stepped = Iterate(*(v + per_sample(alpha, v) * dv for v, dv in zip(iterate, step)))
-        finite = ~factor.singular & torch.stack([torch.isfinite(v).flatten(1).all(1) for v in stepped[:4]]
-                                                + [torch.isfinite(stepped.tau * stepped.kappa)]).all(0)
         status = torch.where(running & ~finite, FAILED, status)
         running = running & finite
         iterate = Iterate(*(torch.where(per_sample(running, new), new, old) for new, old in zip(stepped, iterate)))
         iterations = iterations + running
+    iterate = Iterate(*final[:6])
     iterate = iterate._replace(s=iterate.s / G_scale, lam=iterate.lam * G_scale)
-    return PDIPMOutput(iterate, status, iterations, num_factorizations)
+    return PDIPMOutput(iterate, *final[6:], num_factorizations)
