@@ -237,8 +237,42 @@ def matched_accuracy_table(matches: list[dict]) -> str:
     return "\n".join(lines)
 
 
+GRADIENT_TOLERANCES = (1e-5, 3e-6, 1e-6)
+"""Forward rtol = atol of the gradient-accuracy table."""
+ADJOINT_TIGHTENING = 100
+"""The table's extra adjoint case solves the backward pass at the forward tolerance divided by this."""
+
+
+def gradient_accuracy(problem: Problem, references, tolerances: tuple[float, ...]) -> str:
+    """The gradient error of every torch gradient case, ours and the peers', as the tolerance shrinks, and of our
+    adjoint with a hundred times tighter backward tolerances: whether an adjoint's error comes from its backward
+    solve or from the forward solution it starts from. One untimed call per case."""
+    _, grad_reference = references
+    errors = {}  # case label -> {tol: error as text}
+    for tol in tolerances:
+        for adjoint_tol in (None, tol / ADJOINT_TIGHTENING):
+            settings = Settings(rtol=tol, atol=tol, adjoint_tol=adjoint_tol)
+            for case in ode_torch.cases(settings):
+                if case.gradient is None or case.unavailable or (
+                        adjoint_tol is not None and (case.gradient, case.library) != ("adjoint", "ours")):
+                    continue
+                label = f"{case.library}, {case.method}, {case.gradient}" + (
+                    "" if adjoint_tol is None else f", adjoint tol / {ADJOINT_TIGHTENING}")
+                try:
+                    run = case.prepare(problem, settings)
+                    error = _number(relative_error(run.unpack(run.call()).grads, grad_reference))
+                except Exception as exception:  # a peer's failure is a result to report
+                    error = f"failed: {type(exception).__name__}"
+                errors.setdefault(label, {})[tol] = error
+    lines = ["| case | " + " | ".join(f"rtol = atol = {tol:g}" for tol in tolerances) + " |",
+             "|---|" + "---|" * len(tolerances)]
+    lines += [f"| {label} | " + " | ".join(by_tol.get(tol, "") for tol in tolerances) + " |"
+              for label, by_tol in sorted(errors.items(), key=lambda item: (not item[0].startswith("ours"), item[0]))]
+    return "\n".join(lines)
+
+
 def report(args, settings: Settings, batch: int, rows: list[Row], memory: str, sweep: list[tuple],
-           info: dict) -> str:
+           accuracy: str, info: dict) -> str:
     modes = modes_compared(rows)
     listing = lambda d: "\n".join(f"- {key}: {value}" for key, value in d.items())  # noqa: E731
     return f"""# {TITLE}
@@ -307,6 +341,14 @@ For each peer's run of the sweep, our fastest run of the sweep (either step cont
 in y(t1) is at most the peer's. A ratio below 1 means ours reached the peer's accuracy in less time.
 
 {matched_accuracy_table(at_matched_accuracy(sweep))}
+
+## Gradient accuracy against tolerance (torch)
+The relative gradient error of each torch gradient case against the float64 reference, one untimed call each, as
+the forward tolerance shrinks; "adjoint tol / 100" solves our adjoint's backward pass at a hundred times tighter
+tolerances than the forward pass. Where tightening the backward pass leaves the error unchanged, the error comes
+from the forward solution that the adjoint starts from, y(t1), not from the backward solve.
+
+{accuracy}
 """
 
 def measurements(rows: list[Row]) -> list[Measurement]:
@@ -349,8 +391,9 @@ def main() -> None:
     memory = memory_table(batch, settings, MEMORY_HORIZONS[:2] if args.quick else MEMORY_HORIZONS)
     sweep = work_precision(problem, references, SWEEP_TOLERANCES[::4] if args.quick else SWEEP_TOLERANCES,
                            args.repeats if args.quick else SWEEP_REPEATS)
+    accuracy = gradient_accuracy(problem, references, GRADIENT_TOLERANCES[:1] if args.quick else GRADIENT_TOLERANCES)
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
-    text = report(args, settings, batch, with_ratios(rows), memory, sweep, info)
+    text = report(args, settings, batch, with_ratios(rows), memory, sweep, accuracy, info)
     errors = {"solution": "largest absolute error of y(t1), against SciPy's DOP853 at 1e-12 in float64",
               "gradient": "largest relative Frobenius error over the parameters, against the adjoint equations "
                           "integrated by DOP853 at 1e-12 in float64"}

@@ -72,6 +72,8 @@ def _prepare_ours(control: str, mode, problem: Problem, settings: Settings) -> R
     options = dict(method="dopri5", rtol=settings.rtol, atol=settings.atol, step_control=control, warn=False)
     if mode is not None:
         options["gradient"] = mode
+    if mode == "adjoint" and settings.adjoint_tol is not None:
+        options.update(adjoint_rtol=settings.adjoint_tol, adjoint_atol=settings.adjoint_tol)
     if mode in ("backprop", "checkpoint"):
         options["max_steps"] = BOUNDED_MAX_STEPS
 

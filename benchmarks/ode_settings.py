@@ -17,6 +17,7 @@ class Settings:
     rtol: float = 1e-5
     atol: float = 1e-5
     our_gradients: tuple[str, ...] = ("backprop", "checkpoint", "adjoint")
+    adjoint_tol: Optional[float] = None  # our adjoint's adjoint_rtol = adjoint_atol; None: the forward tolerances
 
 
 @dataclass(frozen=True)

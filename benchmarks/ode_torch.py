@@ -80,6 +80,8 @@ def _prepare_ours(control: str, mode, problem: Problem, settings: Settings) -> R
     options = dict(method="dopri5", rtol=settings.rtol, atol=settings.atol, step_control=control, warn=False)
     if mode is not None:
         options["gradient"] = mode  # the adjoint differentiates the module's parameters, f.parameters()
+    if mode == "adjoint" and settings.adjoint_tol is not None:
+        options.update(adjoint_rtol=settings.adjoint_tol, adjoint_atol=settings.adjoint_tol)
     return _run(field, c, lambda: ours.odeint(field, y0, t, **options)[0][-1], gradient=mode is not None)
 
 
