@@ -169,7 +169,7 @@ def memory_table(problem_batch: int, settings: Settings, horizons: tuple[float, 
             jax_t = jax.numpy.array([0.0, t1], jax.numpy.float32)
 
             def loss(p):
-                bound = {"max_steps": ode_jax.BOUNDED_MAX_STEPS} if mode != "adjoint" else {}
+                bound = {"max_steps": ode_jax.CHECKPOINT_MAX_STEPS} if mode == "checkpoint" else {}
                 ys, _ = ours_jax.odeint(lambda t, y, p: ode_jax.mlp(p, y), jax_y0, jax_t, p, method="dopri5",
                                         rtol=settings.rtol, atol=settings.atol, gradient=mode, warn=False, **bound)
                 return (ys[-1] * jax_c).sum()
@@ -321,9 +321,9 @@ The largest relative Frobenius error over the parameters, taking our backprop gr
 ## Memory of our gradient modes as the integration gets longer
 Batch {batch}, the same field and tolerances, t from 0 to t1. The torch columns give the peak of the tensor memory
 allocated during one forward and backward pass, from `peak_memory_bytes`. The JAX columns give the bytes XLA plans
-for the jitted gradient, from `compiled_memory_bytes`: arguments, outputs and temporaries. JAX's "backprop" is a
-scan over all `max_steps` steps and its "checkpoint" allocates `max_steps` rows of step starts (here
-{ode_jax.BOUNDED_MAX_STEPS} for both, in the results table too; the default is 10 000), so their plans do not
+for the jitted gradient, from `compiled_memory_bytes`: arguments, outputs and temporaries. JAX's "checkpoint"
+allocates `max_steps` rows of step starts (here {ode_jax.CHECKPOINT_MAX_STEPS}, in the results table too; the default
+is 10 000) and its "backprop" keeps about 2 sqrt(`max_steps`) loop states (at the default), so their plans do not
 depend on how many steps are actually taken.
 
 {memory}

@@ -4,6 +4,7 @@ the same constants, the same decisions in the same order, so both take the same 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -189,11 +190,13 @@ def integrate(
     ``max_steps`` is frozen with ``jnp.where`` and steps by zero, so ``f`` only sees times a sample reached. With
     ``shared``, the batch takes one step size chosen by the largest error ratio among running samples. The loop
     is a ``lax.while_loop`` (no host synchronization); with ``unroll`` it is a ``lax.scan`` of ``max_steps``
-    steps, each skipped by ``lax.cond`` once no sample runs, which reverse-mode autodiff can traverse. Each step
-    of the scan is a ``jax.checkpoint``: reverse mode keeps the loop state at every step's start and recomputes
-    the step's stages when it reaches it, instead of keeping every stage's intermediates for all ``max_steps``
-    steps (the ODE benchmark's memory table measures the difference). Step sizes, times and error ratios carry no
-    gradient. Unreached outputs are NaN (and the caller warns).
+    steps, which reverse-mode autodiff can traverse, checkpointed on two levels (Griewank's square-root scheme):
+    an outer scan over chunks of about ``sqrt(max_steps)`` steps, each chunk skipped whole by ``lax.cond`` once
+    no sample runs, and within a chunk a scan of steps, each a ``jax.checkpoint``. Reverse mode then keeps one
+    loop state per chunk, recomputes a chunk's step states when it reaches that chunk and each step's stages when
+    it reaches that step: memory of about ``2 sqrt(max_steps)`` loop states instead of every stage of all
+    ``max_steps`` steps, and idle steps cost one skipped chunk each ``sqrt(max_steps)`` steps. Step sizes, times
+    and error ratios carry no gradient. Unreached outputs are NaN (and the caller warns).
 
     With ``record``, also returns the per-step buffers (``max_steps`` rows) that ``checkpoint.py`` replays:
     the state and derivative a step started from, its time, size, end time, and which samples moved and which
@@ -328,10 +331,19 @@ def integrate(
         return new
 
     if unroll:
-        def scan_step(state, _):
-            return jax.lax.cond(jnp.any(state["running"]), jax.checkpoint(step), lambda s: s, state), None
+        chunk = math.isqrt(max_steps - 1) + 1  # ceil(sqrt(max_steps)); the last chunk's surplus steps are skipped
 
-        state, _ = jax.lax.scan(scan_step, state, None, length=max_steps)
+        def scan_step(state, _):
+            go = jnp.any(state["running"]) & (state["step"] < max_steps)
+            return jax.lax.cond(go, jax.checkpoint(step), lambda s: s, state), None
+
+        def run_chunk(state):
+            return jax.lax.scan(scan_step, state, None, length=chunk)[0]
+
+        def chunk_step(state, _):
+            return jax.lax.cond(jnp.any(state["running"]), jax.checkpoint(run_chunk), lambda s: s, state), None
+
+        state, _ = jax.lax.scan(chunk_step, state, None, length=-(-max_steps // chunk))
     else:
         state = jax.lax.while_loop(lambda s: (s["step"] < max_steps) & jnp.any(s["running"]), step, state)
 

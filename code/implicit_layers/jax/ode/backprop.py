@@ -13,9 +13,9 @@ def backprop_integrate(f, y0, grid, theta, sign, tableau, **settings):
     """Integrate as ``integrate`` does; derivatives come from autodiff of the same steps as a ``lax.scan``.
 
     Reverse mode cannot traverse a ``lax.while_loop``, so a differentiated solve is a ``lax.scan`` of
-    ``max_steps`` steps, each skipped by ``lax.cond`` once no sample runs and each rematerialized in the backward
-    pass (``jax.checkpoint``), so that the scan keeps one loop state per step rather than every stage. A solve
-    that is not differentiated need not pay for the idle steps: the solve is a ``jax.custom_jvp`` whose primal is
+    ``max_steps`` steps in chunks of about ``sqrt(max_steps)``, idle chunks skipped by ``lax.cond``, chunks and
+    steps recomputed in the backward pass (``jax.checkpoint``) so that it keeps about ``2 sqrt(max_steps)`` loop
+    states rather than every stage of every step (see ``integrate``). A solve that is not differentiated need not pay for the idle steps: the solve is a ``jax.custom_jvp`` whose primal is
     the ``lax.while_loop``, which stops with the last running sample, and whose rule is the forward-mode
     derivative of the scan (which reverse mode transposes). Both run the same step function, so both give the
     same outputs.

@@ -77,13 +77,15 @@ def odeint(
         batch, set by the largest error ratio among running samples.
     max_steps : int
         Steps (accepted and rejected) each sample may attempt. A solve differentiated with
-        ``gradient="backprop"`` runs that many loop steps (idle ones skipped) and ``"checkpoint"`` allocates that
-        many rows of two states, so keep an adaptive method's near need; a fixed-step method whose number of
-        steps is known (``num_steps``, or ``dt`` with concrete times) runs only those.
+        ``gradient="checkpoint"`` allocates that many rows of two states, so keep an adaptive method's near
+        need there; one differentiated with ``"backprop"`` scans that many steps in chunks of about
+        ``sqrt(max_steps)``, skipping idle chunks, and keeps about ``2 sqrt(max_steps)`` loop states. A
+        fixed-step method whose number of steps is known (``num_steps``, or ``dt`` with concrete times) runs only
+        those.
     gradient : str
         ``"backprop"``: autodiff through every operation of the solver (a ``lax.scan`` of ``max_steps``, run
-        only when the solve is differentiated, each step's stages recomputed in the backward pass from the state
-        the scan keeps; otherwise a loop that stops with the last sample);
+        only when the solve is differentiated, its chunks and steps recomputed in the backward pass from the
+        states it keeps; otherwise a loop that stops with the last sample);
         ``"checkpoint"``: the same gradient, each step recomputed in the backward pass from its stored start;
         ``"adjoint"``: the continuous adjoint, the augmented system solved backwards from ``t[-1]``, restarted at
         each output time, in memory independent of the number of steps. Step sizes carry no gradient in any
