@@ -58,6 +58,14 @@ def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u * v).sum(dim=-1)
 
 
+def _largest_each(*vectors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``largest`` of each of several (B, k) tensors of one width k, in one pass over them all."""
+    stacked = torch.stack(vectors, dim=1)
+    if not stacked.shape[2]:
+        return stacked.new_zeros(stacked.shape[:2]).unbind(1)
+    return stacked.abs().amax(dim=2).unbind(1)
+
+
 def _shift_into_cone(v: torch.Tensor) -> torch.Tensor:
     """Move each sample's vector into the positive orthant, with its smallest entry at least 1 if it was not
     already comfortably positive (Clarabel's start)."""
@@ -81,11 +89,16 @@ def _longest_step(iterate: Iterate, step: Iterate) -> torch.Tensor:
     return ratios.amin(dim=1).clamp(max=1.0)
 
 
+def _scaled(eta, value: torch.Tensor) -> torch.Tensor:
+    """-eta * value per sample, where ``eta`` None stands for one (the predictor's, spared the multiplications)."""
+    return -value if eta is None else -per_sample(eta, value) * value
+
+
 def _solve_stacked(factor, iterate, residuals, p, h, b, r_s_lam, *, eta):
-    """Solve the Newton matrix for the residuals' right-hand side (scaled by ``eta``, with the complementarity
-    target ``r_s_lam``), preceded, when ``p`` is given, by the constant right-hand side [-p; h; b]."""
-    eta = eta[:, None]
-    sides = [(-eta * residuals.x, -eta * residuals.lam + r_s_lam / iterate.lam, -eta * residuals.nu)]
+    """Solve the Newton matrix for the residuals' right-hand side (scaled by ``eta``, None for one, with the
+    complementarity target ``r_s_lam``), preceded, when ``p`` is given, by the constant right-hand side
+    [-p; h; b]."""
+    sides = [(_scaled(eta, residuals.x), _scaled(eta, residuals.lam) + r_s_lam / iterate.lam, _scaled(eta, residuals.nu))]
     if p is not None:
         sides.insert(0, (-p, h, b))
     blocks = solve_kkt(factor, *(torch.stack(block, dim=1) for block in zip(*sides)))
@@ -98,7 +111,7 @@ def _complete(along_tau, direction, iterate, residuals, p, h, b, r_s_lam, r_tau_
     x, s, lam, nu, tau, kappa = iterate
     # The gradient of x'Qx / tau in x, and minus its derivative in tau, enter the linearized r_tau row.
     slope = p + 2 * residuals.Qx / tau[:, None]
-    numerator = (-eta * residuals.tau + r_tau_kappa / tau
+    numerator = (_scaled(eta, residuals.tau) + r_tau_kappa / tau
                  - _dot(slope, direction[0]) - _dot(h, direction[1]) - _dot(b, direction[2]))
     denominator = (_dot(slope, along_tau[0]) + _dot(h, along_tau[1]) + _dot(b, along_tau[2])
                    - kappa / tau - residuals.xQx / tau**2)
@@ -124,8 +137,8 @@ def _newton_step(Q, p, G, h, A, b, iterate: Iterate, residuals: Residuals, delta
     factor = factor_kkt(Q, G, A, lam / (s + smallest_W * lam), delta)
     # One solve for two right-hand sides: [-p; h; b] gives each direction's part along tau, the residuals give
     # the affine (predictor) direction.
-    along_tau, affine = _solve_stacked(factor, iterate, residuals, p, h, b, s * lam, eta=torch.ones_like(tau))
-    predictor = _complete(along_tau, affine, iterate, residuals, p, h, b, s * lam, tau * kappa, eta=torch.ones_like(tau))
+    along_tau, affine = _solve_stacked(factor, iterate, residuals, p, h, b, s * lam, eta=None)
+    predictor = _complete(along_tau, affine, iterate, residuals, p, h, b, s * lam, tau * kappa, eta=None)
     alpha = _longest_step(iterate, predictor)
     mu = (_dot(s, lam) + tau * kappa) / (s.shape[1] + 1)
     sigma_mu = (1 - alpha) ** 3 * mu
@@ -138,8 +151,9 @@ def _newton_step(Q, p, G, h, A, b, iterate: Iterate, residuals: Residuals, delta
     step = _complete(along_tau, corrector, iterate, residuals, p, h, b, r_s_lam, r_tau_kappa, eta=eta)
     alpha = STEP_TO_BOUNDARY * _longest_step(iterate, step)
     stepped = Iterate(*(v + per_sample(alpha, v) * dv for v, dv in zip(iterate, step)))
-    finite = ~factor.singular & torch.stack([torch.isfinite(v).flatten(1).all(1) for v in stepped[:4]]
-                                            + [torch.isfinite(stepped.tau * stepped.kappa)]).all(0)
+    # A NaN or an infinity anywhere shows in the smallest or the largest entry.
+    smallest, biggest = torch.aminmax(torch.cat([*stepped[:4], (stepped.tau * stepped.kappa)[:, None]], dim=1), dim=1)
+    finite = ~factor.singular & torch.isfinite(smallest) & torch.isfinite(biggest)
     return stepped, finite
 
 
@@ -175,35 +189,38 @@ def pdipm(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
         x, s, lam, nu, tau, kappa = iterate
         Qx, Gx, Ax = bmv(Q, x), bmv(G, x), bmv(A, x)
         Gt_lam, At_nu = bmtv(G, lam), bmtv(A, nu)
-        xQx = _dot(x, Qx)
+        xQx, p_x, h_lam, b_nu = _dot(x, Qx), _dot(p, x), _dot(h, lam), _dot(b, nu)
         residuals = Residuals(
             Qx + Gt_lam + At_nu + p * tau[:, None],
             Gx + s - h * tau[:, None],
             Ax - b * tau[:, None],
-            kappa + _dot(p, x) + _dot(h, lam) + _dot(b, nu) + xQx / tau,
+            kappa + p_x + h_lam + b_nu + xQx / tau,
             Qx,
             xQx,
         )
 
         # Stopping tests, on the candidate solution (divided by tau) and on the certificates (not divided).
-        primal_residual = torch.maximum(largest(residuals.lam), largest(residuals.nu)) / tau
-        dual_residual = largest(residuals.x) / tau
-        primal_objective = (0.5 * xQx / tau + _dot(p, x)) / tau
-        dual_objective = (-0.5 * xQx / tau - _dot(h, lam) - _dot(b, nu)) / tau
+        Gt_lam_At_nu, Gx_s = Gt_lam + At_nu, Gx + s
+        largest_r_x, largest_Qx, largest_Gt_lam_At_nu, largest_x = _largest_each(residuals.x, Qx, Gt_lam_At_nu, x)
+        largest_r_lam, largest_Gx, largest_s, largest_lam, largest_Gx_s = _largest_each(residuals.lam, Gx, s, lam, Gx_s)
+        largest_r_nu, largest_Ax, largest_nu = _largest_each(residuals.nu, Ax, nu)
+        primal_residual = torch.maximum(largest_r_lam, largest_r_nu) / tau
+        dual_residual = largest_r_x / tau
+        primal_objective = (0.5 * xQx / tau + p_x) / tau
+        dual_objective = (-0.5 * xQx / tau - h_lam - b_nu) / tau
         gap = (primal_objective - dual_objective).abs()
         solved = (
-            (primal_residual <= tol * (1 + torch.maximum(torch.maximum(largest(Gx), largest(Ax)) / tau,
-                                                         torch.maximum(torch.maximum(largest(s) / tau, h_size), b_size))))
-            & (dual_residual <= tol * (1 + torch.maximum(torch.maximum(largest(Qx), largest(Gt_lam + At_nu)) / tau, p_size)))
+            (primal_residual <= tol * (1 + torch.maximum(torch.maximum(largest_Gx, largest_Ax) / tau,
+                                                         torch.maximum(torch.maximum(largest_s / tau, h_size), b_size))))
+            & (dual_residual <= tol * (1 + torch.maximum(torch.maximum(largest_Qx, largest_Gt_lam_At_nu) / tau, p_size)))
             & (gap <= tol * (1 + torch.minimum(primal_objective.abs(), dual_objective.abs())))
         )
-        h_lam_b_nu = _dot(h, lam) + _dot(b, nu)
-        primal_infeasible = (h_lam_b_nu < -tol * torch.maximum(largest(lam), largest(nu))) & (
-            largest(Gt_lam + At_nu) <= -tol * h_lam_b_nu
+        h_lam_b_nu = h_lam + b_nu
+        primal_infeasible = (h_lam_b_nu < -tol * torch.maximum(largest_lam, largest_nu)) & (
+            largest_Gt_lam_At_nu <= -tol * h_lam_b_nu
         )
-        p_x = _dot(p, x)
-        dual_infeasible = (p_x < -tol * largest(x)) & (
-            torch.maximum(largest(Qx), torch.maximum(largest(Gx + s), largest(Ax))) <= -tol * p_x
+        dual_infeasible = (p_x < -tol * largest_x) & (
+            torch.maximum(largest_Qx, torch.maximum(largest_Gx_s, largest_Ax)) <= -tol * p_x
         )
         for code, flag in ((DUAL_INFEASIBLE, dual_infeasible), (PRIMAL_INFEASIBLE, primal_infeasible), (SOLVED, solved)):
             status = torch.where(running & flag, code, status)
