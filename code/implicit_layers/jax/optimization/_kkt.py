@@ -56,9 +56,11 @@ def _add_to_diagonal(matrix: jax.Array, value: float) -> jax.Array:
     return matrix + value * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
 
 
-def _all_finite(value: jax.Array) -> jax.Array:
-    """Per sample, whether every entry of a (B, ...) array is finite."""
-    return jnp.isfinite(value).reshape(value.shape[0], -1).all(axis=1)
+def _finite_factor(cholesky: jax.Array) -> jax.Array:
+    """Per sample, whether a Cholesky factor (B, k, k) is finite, read off its diagonal: each entry of the
+    factor enters the diagonal entry of its row (L_ii^2 = M_ii - sum_j<i L_ij^2), so a NaN or Inf anywhere in
+    the factor makes its row's diagonal entry NaN or Inf, and reading the diagonal spares a pass over the batch."""
+    return jnp.isfinite(jnp.diagonal(cholesky, axis1=-2, axis2=-1)).all(axis=1)
 
 
 def regularization(dtype) -> tuple[float, float]:
@@ -92,7 +94,7 @@ def factor_kkt(Q: jax.Array, G: jax.Array, A: jax.Array, D: jax.Array, delta: fl
     H_inverse_At = cholesky_solve(jnp.swapaxes(A, -1, -2), cholesky_H)
     S = _add_to_diagonal(jnp.matmul(A, H_inverse_At), delta)
     cholesky_S = _cholesky(S)
-    singular = ~(_all_finite(cholesky_H) & _all_finite(cholesky_S))
+    singular = ~(_finite_factor(cholesky_H) & _finite_factor(cholesky_S))
     return KKTFactor(G, A, D, cholesky_H, H_inverse_At, cholesky_S, singular)
 
 
