@@ -73,8 +73,12 @@ def odeint(
     first_step : float, optional
         The initial step of an adaptive method; by default Hairer-Norsett-Wanner's estimate, per sample.
     step_control : str
-        ``"per_sample"``: each sample its own step size and acceptance; ``"shared"``: one step size for the
-        batch, set by the largest error ratio among running samples.
+        ``"per_sample"``: each sample its own step size and acceptance; ``"shared"``: one step size for the batch,
+        set by the largest error ratio among running samples. Per-sample steps make each sample's solution
+        independent of its batch-mates; the batch still steps, and evaluates every sample, until its slowest sample
+        is done, so they save arithmetic rather than time, and shared steps, which hold every sample to the hardest
+        one's step, can reach a given worst-sample error as fast (the ODE benchmark's tolerance sweep measures
+        both).
     max_steps : int
         Steps (accepted and rejected) each sample may attempt. A solve differentiated with
         ``gradient="checkpoint"`` allocates that many rows of two states, so keep an adaptive method's near
