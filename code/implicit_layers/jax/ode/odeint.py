@@ -90,7 +90,9 @@ def odeint(
         ``"backprop"``: autodiff through every operation of the solver (a ``lax.scan`` of ``max_steps``, run
         only when the solve is differentiated, its chunks and steps recomputed in the backward pass from the
         states it keeps; otherwise a loop that stops with the last sample);
-        ``"checkpoint"``: the same gradient, each step recomputed in the backward pass from its stored start;
+        ``"checkpoint"``: the same gradient, each step recomputed in the backward pass from its stored start,
+        in a buffer of ``max_steps`` rows allocated up front (so unless ``max_steps`` is near need,
+        ``"backprop"``, which keeps about ``2 sqrt(max_steps)`` states, takes less memory and time);
         ``"adjoint"``: the continuous adjoint, the augmented system solved backwards from ``t[-1]``, restarted at
         each output time, in memory independent of the number of steps. Step sizes carry no gradient in any
         mode.
