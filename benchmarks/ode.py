@@ -209,7 +209,8 @@ def work_precision_table(points: list[tuple]) -> str:
 def at_matched_accuracy(points: list[tuple]) -> list[dict]:
     """For each peer's run, our fastest run of the sweep (either step control, any tolerance) whose error is at
     most the peer's: a comparison of time at equal or better accuracy, with no interpolation between runs."""
-    timed = [(tol, r) for tol, r in points if r.median_ms is not None and r.y_error is not None]
+    timed = [(tol, r) for tol, r in points
+             if r.median_ms is not None and r.y_error is not None and np.isfinite(r.y_error)]
     matches = []
     for tol, peer in timed:
         if peer.case.library == "ours":
@@ -351,6 +352,7 @@ from the forward solution that the adjoint starts from, y(t1), not from the back
 {accuracy}
 """
 
+
 def measurements(rows: list[Row]) -> list[Measurement]:
     """The rows for the appendix: the forward solve is one comparison, the gradient in any mode another."""
     return [Measurement(
@@ -398,9 +400,11 @@ def main() -> None:
               "gradient": "largest relative Frobenius error over the parameters, against the adjoint equations "
                           "integrated by DOP853 at 1e-12 in float64"}
     record = results_record("ode", TITLE, args, info, PACKAGES, measurements(rows), errors)
+    # A solve that fell short of t1 has NaN in y(t1), hence in its error; JSON has no NaN, the record says None.
     record["work_precision"] = [
         dict(framework=r.case.framework, library=r.case.library, method=r.case.method, tol=tol, nfe=r.nfe,
-             solution_error=r.y_error, median_ms=r.median_ms, note=r.note) for tol, r in sweep]
+             solution_error=r.y_error if r.y_error is not None and np.isfinite(r.y_error) else None,
+             median_ms=r.median_ms, note=r.note) for tol, r in sweep]
     record["matched_accuracy"] = at_matched_accuracy(sweep)
     write_report(args.out, text, record)
 
