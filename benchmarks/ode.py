@@ -273,7 +273,7 @@ def gradient_accuracy(problem: Problem, references, tolerances: tuple[float, ...
 
 
 def report(args, settings: Settings, batch: int, rows: list[Row], memory: str, sweep: list[tuple],
-           accuracy: str, info: dict) -> str:
+           matches: list[dict], accuracy: str, info: dict) -> str:
     modes = modes_compared(rows)
     listing = lambda d: "\n".join(f"- {key}: {value}" for key, value in d.items())  # noqa: E731
     return f"""# {TITLE}
@@ -341,7 +341,7 @@ rtol = atol from {max(tol for tol, _ in sweep):g} to {min(tol for tol, _ in swee
 For each peer's run of the sweep, our fastest run of the sweep (either step control, any tolerance) whose error
 in y(t1) is at most the peer's. A ratio below 1 means ours reached the peer's accuracy in less time.
 
-{matched_accuracy_table(at_matched_accuracy(sweep))}
+{matched_accuracy_table(matches)}
 
 ## Gradient accuracy against tolerance (torch)
 The relative gradient error of each torch gradient case against the float64 reference, one untimed call each, as
@@ -393,9 +393,10 @@ def main() -> None:
     memory = memory_table(batch, settings, MEMORY_HORIZONS[:2] if args.quick else MEMORY_HORIZONS)
     sweep = work_precision(problem, references, SWEEP_TOLERANCES[::4] if args.quick else SWEEP_TOLERANCES,
                            args.repeats if args.quick else SWEEP_REPEATS)
+    matches = at_matched_accuracy(sweep)
     accuracy = gradient_accuracy(problem, references, GRADIENT_TOLERANCES[:1] if args.quick else GRADIENT_TOLERANCES)
     info["CPU taken by other processes during the run"] = others_share(start, time.perf_counter() - started)
-    text = report(args, settings, batch, with_ratios(rows), memory, sweep, accuracy, info)
+    text = report(args, settings, batch, with_ratios(rows), memory, sweep, matches, accuracy, info)
     errors = {"solution": "largest absolute error of y(t1), against SciPy's DOP853 at 1e-12 in float64",
               "gradient": "largest relative Frobenius error over the parameters, against the adjoint equations "
                           "integrated by DOP853 at 1e-12 in float64"}
@@ -405,7 +406,7 @@ def main() -> None:
         dict(framework=r.case.framework, library=r.case.library, method=r.case.method, tol=tol, nfe=r.nfe,
              solution_error=r.y_error if r.y_error is not None and np.isfinite(r.y_error) else None,
              median_ms=r.median_ms, note=r.note) for tol, r in sweep]
-    record["matched_accuracy"] = at_matched_accuracy(sweep)
+    record["matched_accuracy"] = matches
     write_report(args.out, text, record)
 
 
