@@ -207,7 +207,7 @@ def work_precision_table(points: list[tuple]) -> str:
 
 
 def at_matched_accuracy(points: list[tuple]) -> list[dict]:
-    """For each peer's run, our fastest run of the sweep (either step control, any tolerance) whose error is at
+    """For each peer's run, our fastest run of the sweep (any step control, any tolerance) whose error is at
     most the peer's: a comparison of time at equal or better accuracy, with no interpolation between runs."""
     timed = [(tol, r) for tol, r in points
              if r.median_ms is not None and r.y_error is not None and np.isfinite(r.y_error)]
@@ -294,7 +294,8 @@ def report(args, settings: Settings, batch: int, rows: list[Row], memory: str, s
   Frobenius error over the six parameters, compared with the adjoint equations integrated by DOP853 at 1e-12
   along the dense forward solution. These are float64 references that share no code with any library measured.
 - Step control: ours "per_sample" gives every sample its own step size and accept/reject decision; "shared" uses
-  one step for the batch, set by its worst sample. torchdiffeq shares one step with an error norm over the whole
+  one step for the batch, set by its worst sample; "shared_rms" one step for the batch, set by the RMS error norm
+  over all of it (the rule of torchdiffeq and of diffrax's batch as one state). torchdiffeq shares one step with an error norm over the whole
   batch. torchode steps per sample. diffrax "batch as one state" treats the batch as one system with an RMS error
   norm over all of it; "vmap over samples" integrates each sample on its own under `jax.vmap`.
 - Gradients: ours "backprop" differentiates through every operation of the solver; "checkpoint" stores the
@@ -338,7 +339,7 @@ rtol = atol from {max(tol for tol, _ in sweep):g} to {min(tol for tol, _ in swee
 {work_precision_table(sweep)}
 
 ### Time at equal accuracy
-For each peer's run of the sweep, our fastest run of the sweep (either step control, any tolerance) whose error
+For each peer's run of the sweep, our fastest run of the sweep (any step control, any tolerance) whose error
 in y(t1) is at most the peer's. A ratio below 1 means ours reached the peer's accuracy in less time.
 
 {matched_accuracy_table(matches)}

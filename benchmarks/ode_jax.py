@@ -30,7 +30,7 @@ def mlp(params: dict, y: jax.Array) -> jax.Array:
 
 def cases(settings: Settings) -> list[Case]:
     result = [Case("jax", "ours", f"dopri5, {control} steps", mode, partial(_prepare_ours, control, mode))
-              for control in ("per_sample", "shared") for mode in (None, *settings.our_gradients)]
+              for control in ("per_sample", "shared", "shared_rms") for mode in (None, *settings.our_gradients)]
     try:
         import diffrax  # noqa: F401  (only whether it imports matters here)
     except Exception as error:  # a broken install fails in many ways; each is reported, not raised

@@ -36,7 +36,7 @@ class CountedMLP(nn.Module):
 
 def cases(settings: Settings) -> list[Case]:
     result = [Case("torch", "ours", f"dopri5, {control} steps", mode, partial(_prepare_ours, control, mode))
-              for control in ("per_sample", "shared") for mode in (None, *settings.our_gradients)]
+              for control in ("per_sample", "shared", "shared_rms") for mode in (None, *settings.our_gradients)]
     for library, modes in (("torchdiffeq", ("backprop", "adjoint")), ("torchode", ("backprop",))):
         try:
             __import__(library)

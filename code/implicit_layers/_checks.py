@@ -166,7 +166,7 @@ def check_state_shape(name: str, shape: tuple) -> None:
         raise ValueError(f"{name} has samples with no elements (shape {tuple(shape)})")
 
 
-ODE_STEP_CONTROLS = ("per_sample", "shared")
+ODE_STEP_CONTROLS = ("per_sample", "shared", "shared_rms")
 ODE_GRADIENTS = ("backprop", "checkpoint", "adjoint")
 
 

@@ -146,13 +146,31 @@ def easy_and_hard(t, y, rates):
 def test_per_sample_control_takes_fewer_steps_on_the_easy_sample_than_shared():
     times = jnp.linspace(0, 2, 5)
     steps = {}
-    for control in ("per_sample", "shared"):
+    for control in ("per_sample", "shared", "shared_rms"):
         ys, result = solve(easy_and_hard, EASY_HARD_Y0, times, RATES, step_control=control, rtol=1e-8, atol=1e-8)
         assert float(np.abs(ys - easy_and_hard_exact(EASY_HARD_Y0, times)).max()) < 1e-6
         steps[control] = result.num_accepted.tolist()
     assert steps["shared"][0] == steps["shared"][1]
+    assert steps["shared_rms"][0] == steps["shared_rms"][1]
     assert steps["per_sample"][0] * 5 < steps["shared"][0]
     assert steps["per_sample"][1] == pytest.approx(steps["shared"][1], rel=0.2)
+    # the easy sample's small error dilutes the hard one's in the batch's norm
+    assert steps["shared_rms"][0] < steps["shared"][0]
+
+
+def test_shared_rms_control_steps_the_batch_as_one_state():
+    """The batch (2, 2) under ``"shared_rms"`` takes the steps that one state of 4 entries takes on its own."""
+    times = jnp.linspace(0, 2, 5)
+    options = dict(rtol=1e-7, atol=1e-7, first_step=1e-3)
+    ys, result = solve(easy_and_hard, EASY_HARD_Y0, times, RATES, step_control="shared_rms", **options)
+
+    def as_one_state(t, y, rates):
+        return easy_and_hard(t, y.reshape(2, 2), rates).reshape(1, 4)
+
+    ys_one, result_one = solve(as_one_state, EASY_HARD_Y0.reshape(1, 4), times, RATES, **options)
+    np.testing.assert_allclose(np.asarray(ys).reshape(5, 1, 4), ys_one, rtol=0, atol=1e-12)
+    assert result.num_accepted.tolist() == 2 * result_one.num_accepted.tolist()
+    assert result.num_rejected.tolist() == 2 * result_one.num_rejected.tolist()
 
 
 def test_a_batched_solve_equals_one_solve_per_sample():
@@ -268,7 +286,8 @@ def test_adjoint_approaches_backprop_as_its_tolerances_shrink():
 
 @pytest.mark.parametrize(
     "method, options",
-    [("rk4", dict(num_steps=200)), ("dopri5", dict(step_control="shared")), ("tsit5", dict(times=(1.0, 0.6, 0.0)))],
+    [("rk4", dict(num_steps=200)), ("dopri5", dict(step_control="shared")), ("bosh3", dict(step_control="shared_rms")),
+     ("tsit5", dict(times=(1.0, 0.6, 0.0)))],
 )
 def test_adjoint_matches_backprop_across_methods_controls_and_directions(method, options):
     """And, with tsit5, checkpoint equals backprop to round-off."""

@@ -47,7 +47,7 @@ def solve_both(method, **options):
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.parametrize("step_control", ("per_sample", "shared"))
+@pytest.mark.parametrize("step_control", ("per_sample", "shared", "shared_rms"))
 def test_adaptive_solutions_and_step_counts_agree(method, step_control):
     (ys_t, result_t), (ys_j, result_j) = solve_both(method, rtol=1e-6, atol=1e-8, step_control=step_control)
     assert ys_t.shape == ys_j.shape == (7, 5, 2)

@@ -119,13 +119,30 @@ def test_per_sample_control_takes_fewer_steps_on_the_easy_sample_than_shared():
     y0 = torch.tensor(problems.EASY_HARD_Y0)
     times = torch.linspace(0, 2, 5, dtype=DTYPE)
     steps = {}
-    for control in ("per_sample", "shared"):
+    for control in ("per_sample", "shared", "shared_rms"):
         ys, result = ilt.odeint(f, y0, times, step_control=control, rtol=1e-8, atol=1e-8)
         assert float((ys - exact(y0, times)).abs().max()) < 1e-6
         steps[control] = result.num_accepted.tolist()
     assert steps["shared"][0] == steps["shared"][1]
+    assert steps["shared_rms"][0] == steps["shared_rms"][1]
     assert steps["per_sample"][0] * 5 < steps["shared"][0]
     assert steps["per_sample"][1] == pytest.approx(steps["shared"][1], rel=0.2)
+    # the easy sample's small error dilutes the hard one's in the batch's norm
+    assert steps["shared_rms"][0] < steps["shared"][0]
+
+
+def test_shared_rms_control_steps_the_batch_as_one_state():
+    """The batch (2, 2) under ``"shared_rms"`` takes the steps that one state of 4 entries takes on its own."""
+    f, _ = easy_and_hard()
+    y0 = torch.tensor(problems.EASY_HARD_Y0)
+    times = torch.linspace(0, 2, 5, dtype=DTYPE)
+    options = dict(rtol=1e-7, atol=1e-7, first_step=1e-3)
+    ys, result = ilt.odeint(f, y0, times, step_control="shared_rms", **options)
+    ys_one, result_one = ilt.odeint(lambda t, y: f(t, y.reshape(2, 2)).reshape(1, 4), y0.reshape(1, 4), times,
+                                    **options)
+    torch.testing.assert_close(ys.reshape(5, 1, 4), ys_one, rtol=0, atol=1e-12)
+    assert result.num_accepted.tolist() == 2 * result_one.num_accepted.tolist()
+    assert result.num_rejected.tolist() == 2 * result_one.num_rejected.tolist()
 
 
 @pytest.mark.parametrize("method", ("rk4", "tsit5"))
@@ -251,7 +268,8 @@ def test_adjoint_takes_a_modules_parameters_by_default():
 
 @pytest.mark.parametrize(
     "method, options",
-    [("rk4", dict(num_steps=200)), ("dopri5", dict(step_control="shared")), ("tsit5", dict(decreasing=True))],
+    [("rk4", dict(num_steps=200)), ("dopri5", dict(step_control="shared")), ("bosh3", dict(step_control="shared_rms")),
+     ("tsit5", dict(decreasing=True))],
 )
 def test_adjoint_matches_backprop_across_methods_controls_and_directions(method, options):
     options = dict(options)

@@ -100,6 +100,21 @@ def error_ratio(error, y0, y1, rtol, atol):
     return jnp.where(jnp.isfinite(ratio), ratio, jnp.inf)
 
 
+def batch_ratio(ratio, running, step_control: str):
+    """The error ratio that decides each sample's step under ``step_control``: its own (``"per_sample"``), the
+    largest among running samples (``"shared"``), or their root mean square (``"shared_rms"``: the error norm of
+    the batch taken as one state, which lets one sample exceed the tolerance when its batch-mates are well
+    within it)."""
+    if step_control == "per_sample":
+        return ratio
+    live = jnp.where(running, ratio, 0.0)
+    if step_control == "shared":
+        value = jnp.max(live)
+    else:
+        value = jnp.sqrt(jnp.sum(live**2) / jnp.maximum(jnp.sum(running), 1))
+    return jnp.broadcast_to(value, ratio.shape)
+
+
 def propose_step(dt, ratio, ratio_prev, order):
     """The PI controller: ``dt * safety * r**(-(icoeff + pcoeff)/q) * r_prev**(pcoeff/q)``, with ``r`` this
     step's error ratio, ``r_prev`` the last accepted step's, ``q`` the tableau's order, the factor clipped to
@@ -176,7 +191,7 @@ def integrate(
     dt: Optional[Any] = None,
     num_steps: Optional[int] = None,
     first_step: Optional[float] = None,
-    shared: bool = False,
+    step_control: str = "per_sample",
     max_steps: int,
     unroll: bool = False,
     record: bool = False,
@@ -187,8 +202,8 @@ def integrate(
     giving ``ys`` (T, B, ...) by each step's dense output as steps pass the grid's times.
 
     Each sample keeps its own time, step size and counters; a sample that finishes, fails or runs out of
-    ``max_steps`` is frozen with ``jnp.where`` and steps by zero, so ``f`` only sees times a sample reached. With
-    ``shared``, the batch takes one step size chosen by the largest error ratio among running samples. The loop
+    ``max_steps`` is frozen with ``jnp.where`` and steps by zero, so ``f`` only sees times a sample reached. Unless
+    ``step_control`` is ``"per_sample"``, the batch takes one step size, chosen by :func:`batch_ratio`. The loop
     is a ``lax.while_loop`` (no host synchronization); with ``unroll`` it is a ``lax.scan`` of ``max_steps``
     steps, which reverse-mode autodiff can traverse, checkpointed on two levels (Griewank's square-root scheme):
     an outer scan over chunks of about ``sqrt(max_steps)`` steps, each chunk skipped whole by ``lax.cond`` once
@@ -228,7 +243,7 @@ def integrate(
             nfe = nfe + 1
         else:
             dt_now = jnp.full((batch,), first_step, dtype)
-        if shared:
+        if step_control != "per_sample":
             dt_now = jnp.broadcast_to(jnp.min(dt_now), (batch,))
         dt_now = jnp.minimum(dt_now, t_end - t)
     else:
@@ -276,9 +291,7 @@ def integrate(
         dt_step = jnp.where(running, dt_now, 0.0)
         y1, f1, error, y_mid = rk_step(field, t, y, f_now, dt_step, tableau)
         if adaptive:
-            ratio = error_ratio(error, y, y1, rtol, atol)
-            if shared:
-                ratio = jnp.broadcast_to(jnp.max(jnp.where(running, ratio, 0.0)), (batch,))
+            ratio = batch_ratio(error_ratio(error, y, y1, rtol, atol), running, step_control)
             accept, dt_next = propose_step(dt_now, ratio, state["ratio_prev"], tableau.order)
             t_new = jnp.where(dt_now >= t_end - t, t_end, t + dt_now)
         else:

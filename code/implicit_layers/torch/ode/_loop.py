@@ -139,6 +139,21 @@ def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(value, dtype=dtype, device=device)
 
 
+def batch_ratio(ratio, running, step_control: str):
+    """The error ratio that decides each sample's step under ``step_control``: its own (``"per_sample"``), the
+    largest among running samples (``"shared"``), or their root mean square (``"shared_rms"``: the error norm of
+    the batch taken as one state, which lets one sample exceed the tolerance when its batch-mates are well
+    within it)."""
+    if step_control == "per_sample":
+        return ratio
+    live = torch.where(running, ratio, 0.0)
+    if step_control == "shared":
+        value = live.amax()
+    else:
+        value = (live.square().sum() / running.sum().clamp(min=1)).sqrt()
+    return value.expand(ratio.shape)
+
+
 def propose_step(dt, ratio, ratio_prev, order):
     """The PI controller: ``dt * safety * r**(-(icoeff + pcoeff)/q) * r_prev**(pcoeff/q)``, with ``r`` this
     step's error ratio, ``r_prev`` the last accepted step's, ``q`` the tableau's order (the error estimate's
@@ -203,7 +218,7 @@ def integrate(
     dt: Optional[float] = None,
     num_steps: Optional[int] = None,
     first_step: Optional[float] = None,
-    shared: bool = False,
+    step_control: str = "per_sample",
     max_steps: int,
     step: Step = rk_step,
     on_step: Optional[Callable] = None,
@@ -212,8 +227,8 @@ def integrate(
     ``ys`` (T, B, ...) by each step's dense output as steps pass the grid's times.
 
     Each sample keeps its own time, step size and counters; a sample that finishes, fails or runs out of
-    ``max_steps`` is frozen with ``torch.where``. With ``shared``, the batch takes one step size chosen by the
-    largest error ratio among running samples. The one host synchronization per step reads whether any sample
+    ``max_steps`` is frozen with ``torch.where``. Unless ``step_control`` is ``"per_sample"``, the batch takes one
+    step size, chosen by :func:`batch_ratio`. The one host synchronization per step reads whether any sample
     still runs and which grid times the step passed. Step sizes, times and error ratios are detached: gradients
     flow through the states only. Unreached outputs are NaN (and the caller warns).
 
@@ -243,7 +258,7 @@ def integrate(
             nfe = nfe + 1
         else:
             dt_now = torch.full((batch,), first_step, device=device, dtype=dtype)
-        if shared:
+        if step_control != "per_sample":
             dt_now = dt_now.amin().expand(batch).clone()
         dt_now = torch.minimum(dt_now, t_end - t)
         edges = None
@@ -272,9 +287,7 @@ def integrate(
         dt_step = torch.where(running, dt_now, zero)
         y1, f1, error, y_mid = step(f, t, y, f_now, dt_step, tableau)
         if adaptive:
-            ratio = error_ratio(error, y, y1, rtol_value, atol_value)
-            if shared:
-                ratio = torch.where(running, ratio, zero).amax().expand(batch)
+            ratio = batch_ratio(error_ratio(error, y, y1, rtol_value, atol_value), running, step_control)
             accept, dt_next = propose_step(dt_now, ratio, ratio_prev, tableau.order)
             # Never past t_end, not even by the rounding of t + dt: a step that ends the integration ends on t_end.
             t_new = torch.where(dt_now >= t_end - t, t_end, torch.minimum(t + dt_now, t_end))
