@@ -130,17 +130,15 @@ def propose_step(dt, ratio, ratio_prev, order):
     return accept, dt * jnp.minimum(jnp.maximum(factor, FACTOR_MIN), upper)
 
 
-def initial_step(f, t0, y0, f0, order, rtol, atol, pooled=False):
+def initial_step(f, t0, y0, f0, order, rtol, atol):
     """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), per sample, from one trial evaluation
     of ``f(t, y)``: the step at which an Euler step's change, and the change of ``f`` over it, are about 1% of
-    the tolerance scale. With ``pooled``, those sizes are RMS norms over the whole batch, taken as one state (as
-    ``step_control="shared_rms"`` takes its errors), and every sample gets the same step. Carries no gradient."""
+    the tolerance scale. Carries no gradient."""
     y0, f0 = jax.lax.stop_gradient(y0), jax.lax.stop_gradient(f0)
     scale = atol + rtol * jnp.abs(y0)
 
     def rms(x):
-        mean_square = jnp.mean(flat(x / scale) ** 2, axis=1)
-        return jnp.sqrt(jnp.broadcast_to(jnp.mean(mean_square), mean_square.shape) if pooled else mean_square)
+        return jnp.sqrt(jnp.mean(flat(x / scale) ** 2, axis=1))
 
     d0, d1 = rms(y0), rms(f0)
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.where(d1 > 0, d1, 1.0))
@@ -241,8 +239,7 @@ def integrate(
     nfe = jnp.ones(batch, jnp.int32)
     if adaptive:
         if first_step is None:
-            dt_now = initial_step(field, t, y0, f_start, tableau.order, rtol, atol,
-                                  pooled=step_control == "shared_rms")
+            dt_now = initial_step(field, t, y0, f_start, tableau.order, rtol, atol)
             nfe = nfe + 1
         else:
             dt_now = jnp.full((batch,), first_step, dtype)

@@ -174,17 +174,15 @@ def propose_step(dt, ratio, ratio_prev, order):
     return accept, dt * torch.minimum(factor.clamp_min(FACTOR_MIN), upper)
 
 
-def initial_step(f, t0, y0, f0, order, rtol, atol, pooled=False):
+def initial_step(f, t0, y0, f0, order, rtol, atol):
     """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), per sample, from one trial evaluation
     of ``f``: the step at which an Euler step's change, and the change of ``f`` over it, are about 1% of the
-    tolerance scale. With ``pooled``, those sizes are RMS norms over the whole batch, taken as one state (as
-    ``step_control="shared_rms"`` takes its errors), and every sample gets the same step."""
+    tolerance scale."""
     y0, f0 = y0.detach(), f0.detach()
     scale = atol + rtol * y0.abs()
 
     def rms(x):
-        mean_square = (x / scale).flatten(1).pow(2).mean(dim=1)
-        return (mean_square.mean().expand_as(mean_square) if pooled else mean_square).sqrt()
+        return (x / scale).flatten(1).pow(2).mean(dim=1).sqrt()
 
     d0, d1 = rms(y0), rms(f0)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
@@ -256,8 +254,7 @@ def integrate(
 
     if adaptive:
         if first_step is None:
-            dt_now = initial_step(f, t, y0, f_start, tableau.order, rtol, atol,
-                                  pooled=step_control == "shared_rms")
+            dt_now = initial_step(f, t, y0, f_start, tableau.order, rtol, atol)
             nfe = nfe + 1
         else:
             dt_now = torch.full((batch,), first_step, device=device, dtype=dtype)
