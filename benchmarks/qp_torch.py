@@ -66,9 +66,11 @@ def _run(problem: Problem, solve) -> Run:
 @contextmanager
 def _threads(count):
     """Run torch with ``count`` threads (None: leave the setting alone), then restore the setting."""
+    if count is None:  # the default case times qp alone, with no call to torch.set_num_threads
+        yield
+        return
     before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
