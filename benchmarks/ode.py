@@ -295,8 +295,8 @@ def report(args, settings: Settings, batch: int, rows: list[Row], memory: str, s
   along the dense forward solution. These are float64 references that share no code with any library measured.
 - Step control: ours "per_sample" gives every sample its own step size and accept/reject decision; "shared" uses
   one step for the batch, set by its worst sample; "shared_rms" one step for the batch, set by the RMS error norm
-  over all of it (the rule of torchdiffeq and of diffrax's batch as one state). torchdiffeq shares one step with an error norm over the whole
-  batch. torchode steps per sample. diffrax "batch as one state" treats the batch as one system with an RMS error
+  over all of it (the rule of torchdiffeq and of diffrax's batch as one state). torchdiffeq shares one step with
+  an error norm over the whole batch. torchode steps per sample. diffrax "batch as one state" treats the batch as one system with an RMS error
   norm over all of it; "vmap over samples" integrates each sample on its own under `jax.vmap`.
 - Gradients: ours "backprop" differentiates through every operation of the solver; "checkpoint" stores the
   accepted states and recomputes each step in the backward pass; "adjoint" solves the continuous adjoint backwards
