@@ -159,7 +159,8 @@ def test_per_sample_control_takes_fewer_steps_on_the_easy_sample_than_shared():
 
 
 def test_shared_rms_control_steps_the_batch_as_one_state():
-    """The batch (2, 2) under ``"shared_rms"`` takes the steps that one state of 4 entries takes on its own."""
+    """The batch (2, 2) under ``"shared_rms"`` takes the steps that one state of 4 entries takes on its own,
+    given the same first step (by default a shared control starts from the smallest per-sample estimate)."""
     times = jnp.linspace(0, 2, 5)
     options = dict(rtol=1e-7, atol=1e-7, first_step=1e-3)
     ys, result = solve(easy_and_hard, EASY_HARD_Y0, times, RATES, step_control="shared_rms", **options)
@@ -169,7 +170,7 @@ def test_shared_rms_control_steps_the_batch_as_one_state():
 
     ys_one, result_one = solve(as_one_state, EASY_HARD_Y0.reshape(1, 4), times, RATES, **options)
     np.testing.assert_allclose(np.asarray(ys).reshape(5, 1, 4), ys_one, rtol=0, atol=1e-12)
-    assert result.num_accepted.tolist() == 2 * result_one.num_accepted.tolist()
+    assert result.num_accepted.tolist() == 2 * result_one.num_accepted.tolist()  # the one count, per sample
     assert result.num_rejected.tolist() == 2 * result_one.num_rejected.tolist()
 
 

@@ -132,7 +132,8 @@ def test_per_sample_control_takes_fewer_steps_on_the_easy_sample_than_shared():
 
 
 def test_shared_rms_control_steps_the_batch_as_one_state():
-    """The batch (2, 2) under ``"shared_rms"`` takes the steps that one state of 4 entries takes on its own."""
+    """The batch (2, 2) under ``"shared_rms"`` takes the steps that one state of 4 entries takes on its own,
+    given the same first step (by default a shared control starts from the smallest per-sample estimate)."""
     f, _ = easy_and_hard()
     y0 = torch.tensor(problems.EASY_HARD_Y0)
     times = torch.linspace(0, 2, 5, dtype=DTYPE)
@@ -141,7 +142,7 @@ def test_shared_rms_control_steps_the_batch_as_one_state():
     ys_one, result_one = ilt.odeint(lambda t, y: f(t, y.reshape(2, 2)).reshape(1, 4), y0.reshape(1, 4), times,
                                     **options)
     torch.testing.assert_close(ys.reshape(5, 1, 4), ys_one, rtol=0, atol=1e-12)
-    assert result.num_accepted.tolist() == 2 * result_one.num_accepted.tolist()
+    assert result.num_accepted.tolist() == 2 * result_one.num_accepted.tolist()  # the one count, per sample
     assert result.num_rejected.tolist() == 2 * result_one.num_rejected.tolist()
 
 
