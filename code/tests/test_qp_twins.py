@@ -69,8 +69,15 @@ def test_solutions_records_and_gradients_agree(kind):
         np.testing.assert_allclose(value_t, np.asarray(getattr(result_j, field)), rtol=0,
                                    atol=1e-8 * max(1.0, np.nanmax(np.abs(value_t), initial=0)), err_msg=field)
     for name in gradients_t:
-        scale = max(1.0, np.nanmax(np.abs(gradients_t[name]), initial=0))
-        np.testing.assert_allclose(gradients_t[name], gradients_j[name], rtol=0, atol=1e-8 * scale, err_msg=name)
+        gradient_t, gradient_j = gradients_t[name], gradients_j[name]
+        if kind == "infeasible and unbounded" and name in ("A", "b"):
+            # The feasible sample's two equality constraints are the same, so only changes of A and b that keep
+            # them the same are determined; how dL/dA and dL/db split between the two rows is set by the
+            # regularization and by rounding (on an Intel CPU with AVX-512 the frameworks' splits differed by
+            # 7e-8). Compare the sums over the rows.
+            gradient_t, gradient_j = gradient_t.sum(axis=1), gradient_j.sum(axis=1)
+        scale = max(1.0, np.nanmax(np.abs(gradient_t), initial=0))
+        np.testing.assert_allclose(gradient_t, gradient_j, rtol=0, atol=1e-8 * scale, err_msg=name)
 
 
 def bad_arguments(framework) -> dict:
