@@ -220,19 +220,29 @@ def versions_line(records: dict[str, dict]) -> str:
     return "; ".join(f"{package} {' / '.join(versions)}" for package, versions in found.items())
 
 
+def machines_line(records: dict[str, dict]) -> str:
+    """The machines the records ran on: one, or each with the benchmarks it ran (their times then compare
+    libraries within a benchmark, not one benchmark's with another's)."""
+    runs: dict[str, list[str]] = {}
+    for name, record in records.items():
+        machine = record["machine"]
+        runs.setdefault(f"{machine.get('CPU', '?')} with {machine.get('cores', '?')} cores", []).append(name)
+    if len(runs) == 1:
+        return next(iter(runs))
+    return " and ".join(f"{machine} ({', '.join(names)})" for machine, names in runs.items())
+
+
 def readme_section(records: dict[str, dict]) -> str:
     """The README's benchmark summary: where and when the stored runs ran, the headline table and a pointer to the
     appendix, between the markers that ``--write-readme`` replaces."""
     if not records:
         raise ValueError("no benchmark records to summarize")
-    first = next(iter(records.values()))
-    machine = first["machine"]
     dates = sorted(record["date_utc"] for record in records.values())
     smoke = any(record["quick"] for record in records.values())
     kind = "smoke runs (`--quick`: small problems, few repeats, not the full benchmarks)" if smoke else "`make bench`"
     return "\n".join([
         README_START,
-        f"Stored results of {kind} on {machine.get('CPU', '?')} with {machine.get('cores', '?')} cores, "
+        f"Stored results of {kind} on {machines_line(records)}, "
         f"{dates[0]} to {dates[-1]} UTC. Our fastest case that converged beside the fastest peer that converged, "
         "for each task and framework (times are medians; below 1× ours is faster):",
         "",

@@ -152,6 +152,14 @@ def test_stored_record_says_when_where_and_with_what(name):
                for value in case.values() if isinstance(value, float))
 
 
+def test_readme_names_each_machine_with_the_benchmarks_it_ran():
+    records = {"fixed_point": record(), "ode": record(name="ode")}
+    assert summary.machines_line(records) == "test CPU with 2 cores"
+    records["ode"]["machine"] = {"CPU": "other CPU", "cores": "4"}
+    assert summary.machines_line(records) == "test CPU with 2 cores (fixed_point) and other CPU with 4 cores (ode)"
+    assert "test CPU with 2 cores (fixed_point) and other CPU with 4 cores (ode)" in summary.readme_section(records)
+
+
 def test_readme_table_is_rendered_from_the_stored_records():
     readme = (REPO / "README.md").read_text()
     expected = summary.readme_section(STORED)
