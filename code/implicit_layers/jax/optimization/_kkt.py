@@ -79,6 +79,7 @@ class KKTFactor(NamedTuple):
     """A factored Newton matrix: the pieces that each solve needs."""
 
     G: jax.Array  # (B, m, n)
+    G_transposed: jax.Array  # (B, n, m): G' as an array of its own (see ``factor_kkt``)
     A: jax.Array  # (B, e, n)
     D: jax.Array  # (B, m): lam / s
     cholesky_H: jax.Array  # (B, n, n): H + delta I = L L'
@@ -87,15 +88,22 @@ class KKTFactor(NamedTuple):
     singular: jax.Array  # (B,) bool: a Cholesky factorization broke down (its factor is not finite)
 
 
-def factor_kkt(Q: jax.Array, G: jax.Array, A: jax.Array, D: jax.Array, delta: float) -> KKTFactor:
-    """Factor the Newton matrix with ``D = lam / s`` (shape (B, m)) and regularization ``delta``."""
-    H = _add_to_diagonal(Q + jnp.matmul(jnp.swapaxes(G, -1, -2) * D[:, None, :], G), delta)
+def factor_kkt(
+    Q: jax.Array, G: jax.Array, G_transposed: jax.Array, A: jax.Array, D: jax.Array, delta: float
+) -> KKTFactor:
+    """Factor the Newton matrix with ``D = lam / s`` (shape (B, m)) and regularization ``delta``.
+
+    ``G_transposed`` is ``G'`` (B, n, m), made once before the interior-point loop: an array of its own there,
+    where ``jnp.swapaxes(G, -1, -2)`` here would be a transposed read of G inside every product with it, which
+    XLA's CPU matrix products take much longer over (forming H at a batch of 128 with n = m = 50 in a loop, on a
+    2-core Intel Xeon: 2.7 ms against 1.5 ms)."""
+    H = _add_to_diagonal(Q + jnp.matmul(G_transposed * D[:, None, :], G), delta)
     cholesky_H = _cholesky(H)
     H_inverse_At = cholesky_solve(jnp.swapaxes(A, -1, -2), cholesky_H)
     S = _add_to_diagonal(jnp.matmul(A, H_inverse_At), delta)
     cholesky_S = _cholesky(S)
     singular = ~(_finite_factor(cholesky_H) & _finite_factor(cholesky_S))
-    return KKTFactor(G, A, D, cholesky_H, H_inverse_At, cholesky_S, singular)
+    return KKTFactor(G, G_transposed, A, D, cholesky_H, H_inverse_At, cholesky_S, singular)
 
 
 def solve_kkt(
@@ -106,7 +114,7 @@ def solve_kkt(
     The right-hand sides have shapes (B, n, k), (B, m, k), (B, e, k); so do the three returned blocks.
     """
     G, A, D = factor.G, factor.A, factor.D[..., None]
-    reduced = r_x + jnp.matmul(jnp.swapaxes(G, -1, -2), D * r_lam)
+    reduced = r_x + jnp.matmul(factor.G_transposed, D * r_lam)
     x_free = cholesky_solve(reduced, factor.cholesky_H)
     dnu = cholesky_solve(jnp.matmul(A, x_free) - r_nu, factor.cholesky_S)
     dx = x_free - jnp.matmul(factor.H_inverse_At, dnu)

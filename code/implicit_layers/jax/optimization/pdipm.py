@@ -112,9 +112,9 @@ def _complete(along_tau, direction, iterate, residuals, p, h, b, r_s_lam, r_tau_
     return Iterate(dx, ds, dlam, dnu, dtau, dkappa)
 
 
-def initial_iterate(Q, p, G, h, A, b, delta: float) -> Iterate:
+def initial_iterate(Q, p, G, G_transposed, h, A, b, delta: float) -> Iterate:
     """Clarabel's start: solve the KKT system with W = I, then shift s and lam into the positive orthant."""
-    factor = factor_kkt(Q, G, A, jnp.ones_like(h), delta)
+    factor = factor_kkt(Q, G, G_transposed, A, jnp.ones_like(h), delta)
     x, lam, nu = (v[..., 0] for v in solve_kkt(factor, -p[..., None], h[..., None], b[..., None]))
     ones = jnp.ones_like(p[:, 0])
     return Iterate(x, _shift_into_cone(-lam), _shift_into_cone(lam), nu, ones, ones)
@@ -208,6 +208,7 @@ def _pdipm_chunk(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     regularization of the Schur complement then weighing more against its entries."""
     G_scale = _row_scale(G)
     G, h = G * G_scale[..., None], h * G_scale
+    G_transposed = jnp.swapaxes(G, -1, -2)  # made once, outside the loop (see factor_kkt)
     batch, m = p.shape[0], h.shape[1]
     delta, smallest_W = regularization(p.dtype)
     integer = jax.dtypes.canonicalize_dtype(int)
@@ -216,7 +217,7 @@ def _pdipm_chunk(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     def step(state: _LoopState, residuals: Residuals) -> _LoopState:
         iterate, status, running = state.iterate, state.status, state.running
         x, s, lam, nu, tau, kappa = iterate
-        factor = factor_kkt(Q, G, A, lam / (s + smallest_W * lam), delta)
+        factor = factor_kkt(Q, G, G_transposed, A, lam / (s + smallest_W * lam), delta)
         ones = jnp.ones_like(tau)
         # One solve for two right-hand sides: [-p; h; b] gives each direction's part along tau, the residuals
         # give the affine (predictor) direction.
@@ -259,7 +260,7 @@ def _pdipm_chunk(Q, p, G, h, A, b, *, tol: float, max_iter: int) -> PDIPMOutput:
     batch_of = partial(jnp.full, (batch,))
     state = jax.lax.while_loop(
         lambda state: ~state.stopped, check_then_step,
-        _LoopState(initial_iterate(Q, p, G, h, A, b, delta), batch_of(MAX_ITER, dtype=integer),
+        _LoopState(initial_iterate(Q, p, G, G_transposed, h, A, b, delta), batch_of(MAX_ITER, dtype=integer),
                    batch_of(True), batch_of(0, dtype=integer), jnp.zeros((), integer), jnp.zeros((), bool)),
     )
     iterate = state.iterate._replace(s=state.iterate.s / G_scale, lam=state.iterate.lam * G_scale)

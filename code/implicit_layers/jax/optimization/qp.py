@@ -213,7 +213,7 @@ def _kkt_gradients(Q, G, A, x, lam, nu, slack, infeasible, g) -> tuple[jax.Array
     lam = jnp.where(active, lam, 0.0)
     W = jnp.where(active, 0.0, 1.0).astype(g.dtype)
     delta, smallest_W = regularization(g.dtype)
-    factor = factor_kkt(Q, G, A, 1 / (W + smallest_W), delta)
+    factor = factor_kkt(Q, G, jnp.swapaxes(G, -1, -2), A, 1 / (W + smallest_W), delta)
     zeros = [jnp.zeros(v.shape + (1,), g.dtype) for v in (lam, nu)]
     u_x, u_lam, u_nu = (v[..., 0] for v in
                         solve_kkt_refined(factor, Q, W, g[..., None], *zeros, refinements=BACKWARD_REFINEMENTS))
