@@ -9,6 +9,8 @@ from typing import Any, Union
 
 import torch
 
+from .._validation import all_finite
+
 Scalar = Union[float, torch.Tensor]
 
 
@@ -77,7 +79,7 @@ def _check_square(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a non-empty square matrix (n, n), got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise ValueError(f"{name} contains NaN or Inf")
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..._checks import check_subset_size, check_tolerance, check_vectors_shape
-from .._validation import compute_dtype
+from .._validation import all_finite, compute_dtype
 
 
 def project_simplex(x: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
@@ -165,7 +165,7 @@ def _check_vectors(name: str, value: Any, *, minimum_size: int) -> None:
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
     check_vectors_shape(name, tuple(value.shape), minimum_size)
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
